@@ -47,15 +47,6 @@ pub struct Initrd {
     pub size: u64,
 }
 
-/// `struct boot_params`, as guest-memory bytes.
-#[derive(Clone, Copy, Default)]
-#[repr(transparent)]
-struct ZeroPage(boot_params);
-// SAFETY: boot_params is a plain C struct of integers and arrays of integers (bindgen output):
-// every bit pattern is valid and it has no padding that could leak host data beyond zeroes
-// from `Default`.
-unsafe impl ByteValued for ZeroPage {}
-
 #[derive(Clone, Copy, Default)]
 #[repr(transparent)]
 struct StartInfo(hvm_start_info);
@@ -137,8 +128,8 @@ pub fn write_zero_page<M: GuestMemoryBackend>(
     const KERNEL_MIN_ALIGNMENT_BYTES: u32 = 0x0100_0000;
     const CAN_USE_HEAP: u8 = 0x80;
 
-    let mut params = ZeroPage::default();
-    let p = &mut params.0;
+    let mut params = boot_params::default();
+    let p = &mut params;
     if let Some(h) = header {
         p.hdr = h;
     }
@@ -249,8 +240,7 @@ mod tests {
             initrd: None,
         };
         let addr = write_zero_page(&m, &info, None).unwrap();
-        let zp: ZeroPage = m.read_obj(GuestAddress(addr)).unwrap();
-        let p = zp.0;
+        let p: boot_params = m.read_obj(GuestAddress(addr)).unwrap();
         assert_eq!(p.e820_entries as usize, e820.len());
         let (cmd_line_ptr, cmdline_size, rsdp) =
             (p.hdr.cmd_line_ptr, p.hdr.cmdline_size, p.acpi_rsdp_addr);

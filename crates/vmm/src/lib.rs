@@ -1,1 +1,14 @@
-//! kiln vmm.
+//! kiln's VMM: the VM description ([`config::VmConfig`]), the builder that turns it into a
+//! running VM ([`vm::Vm`]), vCPU threads and the event loop.
+
+pub mod config;
+pub mod console;
+pub mod decompress;
+pub mod events;
+pub mod loader;
+pub mod memory;
+pub mod vcpu;
+pub mod vm;
+
+pub use config::{PartialConfig, VmConfig};
+pub use vm::{run, Vm, VmError, VmOutcome};

@@ -1,0 +1,196 @@
+//! Guest RAM: anonymous, private, `MAP_NORESERVE` mappings (so a guest larger than what it
+//! touches costs only what it touches), registered with KVM as one memory slot per range.
+
+use kiln_arch::layout::ram_ranges;
+use kvm_bindings::kvm_userspace_memory_region;
+use kvm_ioctls::VmFd;
+use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::{
+    GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap,
+};
+
+/// Guest memory as the VMM sees it.
+pub type GuestMemory = GuestMemoryMmap;
+
+/// Largest single KVM slot: KVM caps a slot at 2^31 - 1 pages; stay well under.
+const MAX_SLOT_SIZE: u64 = 1 << 40;
+
+/// Memory errors.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    /// The host refused the mapping.
+    #[error("cannot map {size:#x} bytes of guest RAM")]
+    Mmap {
+        /// Bytes asked for.
+        size: u64,
+        /// Why.
+        #[source]
+        source: vm_memory::mmap::MmapRegionError,
+    },
+    /// Regions could not form an address space.
+    #[error("guest RAM regions overlap or are invalid: {0}")]
+    Layout(String),
+    /// The size does not fit this host's address space.
+    #[error("{size:#x} bytes of guest RAM is too large for this host")]
+    TooLarge {
+        /// Bytes asked for.
+        size: u64,
+    },
+    /// KVM's page tracking for this much RAM could exhaust the host.
+    #[error("--memory {}: KVM may need up to {} MiB of host kernel memory to track this much guest RAM, and the host has {} MiB available", crate::config::MemorySize(*mem_size), needed >> 20, available >> 20)]
+    TrackingTooLarge {
+        /// Guest RAM.
+        mem_size: u64,
+        /// Estimated metadata.
+        needed: u64,
+        /// Host MemAvailable.
+        available: u64,
+    },
+    /// KVM refused a slot.
+    #[error("KVM refused memory slot {slot} ({size:#x} bytes at {gpa:#x})")]
+    Slot {
+        /// Slot number.
+        slot: u32,
+        /// Guest-physical address.
+        gpa: u64,
+        /// Size.
+        size: u64,
+        /// Why.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+}
+
+/// Host kernel memory KVM may spend per 4 KiB guest page on page tracking when it shadows
+/// guest page tables (reverse maps, write tracking): measured at about 10 bytes.
+const KVM_TRACKING_BYTES_PER_PAGE: u64 = 10;
+
+/// Refuses guest RAM whose KVM page-tracking metadata could exceed the host's available
+/// memory. KVM allocates that metadata when a slot is registered on hosts that shadow guest
+/// page tables (nested or without EPT/NPT); running out takes the whole host down through
+/// the OOM killer, so a clear error first is better. `available` is `MemAvailable`.
+pub fn check_tracking_fits(mem_size: u64, available: Option<u64>) -> Result<(), MemoryError> {
+    let needed = mem_size / 4096 * KVM_TRACKING_BYTES_PER_PAGE;
+    match available {
+        Some(available) if needed > available => Err(MemoryError::TrackingTooLarge {
+            mem_size,
+            needed,
+            available,
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// `MemAvailable` from /proc/meminfo, in bytes.
+pub fn host_available_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
+}
+
+/// Maps guest RAM for `mem_size` bytes, following the layout's RAM ranges.
+pub fn create_guest_memory(mem_size: u64) -> Result<GuestMemory, MemoryError> {
+    let mut regions = Vec::new();
+    for (start, size) in ram_ranges(mem_size) {
+        let len = usize::try_from(size).map_err(|_| MemoryError::TooLarge { size: mem_size })?;
+        let mapping = MmapRegionBuilder::new(len)
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(libc::MAP_ANONYMOUS | libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+            .build()
+            .map_err(|source| MemoryError::Mmap { size, source })?;
+        // Guest RAM has no place in a core dump of the VMM.
+        // SAFETY: the range is exactly the mapping just created; madvise only sets a flag.
+        unsafe {
+            libc::madvise(mapping.as_ptr().cast(), len, libc::MADV_DONTDUMP);
+        }
+        let region = GuestRegionMmap::new(mapping, GuestAddress(start))
+            .ok_or_else(|| MemoryError::Layout(format!("region at {start:#x} wraps around")))?;
+        regions.push(region);
+    }
+    GuestMemoryMmap::from_regions(regions).map_err(|e| MemoryError::Layout(e.to_string()))
+}
+
+/// A KVM slot: guest-physical range and host address.
+#[derive(Clone, Copy, Debug)]
+pub struct SlotSpec {
+    /// Slot number.
+    pub slot: u32,
+    /// Guest-physical start.
+    pub gpa: u64,
+    /// Length in bytes.
+    pub size: u64,
+    /// Host virtual address of the start.
+    pub host: u64,
+}
+
+/// The slots that cover `mem`, each at most [`MAX_SLOT_SIZE`].
+pub fn slots(mem: &GuestMemory) -> Vec<SlotSpec> {
+    let mut out = Vec::new();
+    for region in mem.iter() {
+        let base = region.start_addr().0;
+        let host = region.as_ptr() as u64;
+        let len = region.len();
+        let mut off = 0;
+        while off < len {
+            let size = (len - off).min(MAX_SLOT_SIZE);
+            let slot = u32::try_from(out.len()).unwrap_or(u32::MAX);
+            out.push(SlotSpec {
+                slot,
+                gpa: base + off,
+                size,
+                host: host + off,
+            });
+            off += size;
+        }
+    }
+    out
+}
+
+/// Registers one slot with KVM.
+pub fn register_slot(vm: &VmFd, s: SlotSpec) -> Result<(), MemoryError> {
+    let region = kvm_userspace_memory_region {
+        slot: s.slot,
+        flags: 0,
+        guest_phys_addr: s.gpa,
+        memory_size: s.size,
+        userspace_addr: s.host,
+    };
+    // SAFETY: the host range belongs to a guest memory mapping that lives as long as the VM
+    // (the `GuestMemory` is kept by the VM until after the VM fd is closed).
+    unsafe { vm.set_user_memory_region(region) }.map_err(|source| MemoryError::Slot {
+        slot: s.slot,
+        gpa: s.gpa,
+        size: s.size,
+        source,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tracking_guard_refuses_what_would_exhaust_the_host() {
+        assert!(check_tracking_fits(4 << 40, Some(23 << 30)).is_ok());
+        let e = check_tracking_fits(64 << 40, Some(23 << 30))
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("--memory 64T"), "{e}");
+        assert!(check_tracking_fits(64 << 40, None).is_ok());
+    }
+
+    #[test]
+    fn huge_guest_maps_lazily_and_splits_into_slots() {
+        let mem = create_guest_memory(4 << 40).unwrap();
+        let s = slots(&mem);
+        let total: u64 = s.iter().map(|s| s.size).sum();
+        assert_eq!(total, 4 << 40);
+        assert!(s.iter().all(|s| s.size <= MAX_SLOT_SIZE));
+        assert_eq!(s[0].gpa, 0);
+        assert_eq!(s[1].gpa, 1 << 32);
+        for w in s.windows(2) {
+            assert!(w[0].slot < w[1].slot);
+        }
+    }
+}
