@@ -95,6 +95,9 @@ pub enum DecompressError {
 /// Unpacks a bzImage payload (with its 4-byte size trailer) into the vmlinux ELF.
 pub fn decompress(payload: &[u8]) -> Result<Vec<u8>, DecompressError> {
     let format = Format::detect(payload).ok_or(DecompressError::Unknown)?;
+    if matches!(format, Format::Bzip2 | Format::Lzo) {
+        return Err(DecompressError::Unsupported(format));
+    }
     if payload.len() < 8 {
         return Err(DecompressError::TooShort);
     }
