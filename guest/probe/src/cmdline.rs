@@ -1,0 +1,145 @@
+//! Kernel command line: `probe.*` options. Other words are ignored.
+//!
+//! - `probe.checks=boot,acpi,smp,mem,cpu,rtc` (default: all)
+//! - `probe.mem=full|sample` (default full)
+//! - `probe.cpu_iters=N` (default [`crate::cpu::DEFAULT_ITERS`])
+//! - `probe.smp_timeout_ms=N` (default 10000)
+
+use crate::util::Reason;
+use crate::{emit, reason};
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Check {
+    Boot,
+    Acpi,
+    Smp,
+    Mem,
+    Cpu,
+    Rtc,
+}
+
+impl Check {
+    /// Every check, in the order they run and report.
+    pub const ALL: [Check; 6] = [Check::Boot, Check::Acpi, Check::Smp, Check::Mem, Check::Cpu, Check::Rtc];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Check::Boot => "boot",
+            Check::Acpi => "acpi",
+            Check::Smp => "smp",
+            Check::Mem => "mem",
+            Check::Cpu => "cpu",
+            Check::Rtc => "rtc",
+        }
+    }
+
+    fn bit(self) -> u32 {
+        1 << (self as u32)
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum MemMode {
+    Full,
+    Sample,
+}
+
+impl MemMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            MemMode::Full => "full",
+            MemMode::Sample => "sample",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct Options {
+    checks: u32,
+    pub mem: MemMode,
+    pub cpu_iters: u64,
+    pub smp_timeout_ms: u64,
+}
+
+impl Options {
+    pub fn enabled(&self, c: Check) -> bool {
+        self.checks & c.bit() != 0
+    }
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            checks: Check::ALL.iter().fold(0, |m, c| m | c.bit()),
+            mem: MemMode::Full,
+            cpu_iters: crate::cpu::DEFAULT_ITERS,
+            smp_timeout_ms: 10_000,
+        }
+    }
+}
+
+fn parse_u64(v: &[u8]) -> Option<u64> {
+    if v.is_empty() || v.len() > 19 {
+        return None;
+    }
+    v.iter().try_fold(0u64, |n, &b| b.is_ascii_digit().then(|| n * 10 + u64::from(b - b'0')))
+}
+
+fn show(v: &[u8]) -> &str {
+    core::str::from_utf8(v).unwrap_or("<non-utf8>")
+}
+
+/// Applies one `probe.key=value` word; `Err` is the reason for a fail line.
+fn apply(opts: &mut Options, key: &[u8], value: Option<&[u8]>) -> Result<(), Reason> {
+    let Some(v) = value else {
+        return Err(reason!("option without value: probe.{}", show(key)));
+    };
+    match key {
+        b"checks" => {
+            let mut mask = 0;
+            for name in v.split(|&b| b == b',').filter(|n| !n.is_empty()) {
+                match Check::ALL.iter().find(|c| c.name().as_bytes() == name) {
+                    Some(c) => mask |= c.bit(),
+                    None => return Err(reason!("unknown check in probe.checks: {}", show(name))),
+                }
+            }
+            opts.checks = mask;
+        }
+        b"mem" => {
+            opts.mem = match v {
+                b"full" => MemMode::Full,
+                b"sample" => MemMode::Sample,
+                _ => return Err(reason!("bad value for probe.mem: {}", show(v))),
+            }
+        }
+        b"cpu_iters" => match parse_u64(v) {
+            Some(n) if n > 0 => opts.cpu_iters = n,
+            _ => return Err(reason!("bad value for probe.cpu_iters: {}", show(v))),
+        },
+        b"smp_timeout_ms" => match parse_u64(v) {
+            Some(n) => opts.smp_timeout_ms = n,
+            None => return Err(reason!("bad value for probe.smp_timeout_ms: {}", show(v))),
+        },
+        _ => return Err(reason!("unknown option probe.{}", show(key))),
+    }
+    Ok(())
+}
+
+/// Parses the command line, printing `PROBE cmdline fail <reason>` for each
+/// bad `probe.*` word. Returns the options and the number of fail lines.
+pub fn parse(cmdline: &[u8]) -> (Options, u32) {
+    let mut opts = Options::default();
+    let mut fails = 0;
+    for word in cmdline.split(|b| b.is_ascii_whitespace()).filter(|w| !w.is_empty()) {
+        let Some(rest) = word.strip_prefix(b"probe.") else { continue };
+        let (key, value) = match rest.iter().position(|&b| b == b'=') {
+            Some(i) => (&rest[..i], Some(&rest[i + 1..])),
+            None => (rest, None),
+        };
+        if let Err(r) = apply(&mut opts, key, value) {
+            emit!("PROBE cmdline fail {}", r);
+            fails += 1;
+        }
+    }
+    (opts, fails)
+}

@@ -1,0 +1,92 @@
+//! Identity map for RAM above 4 GiB, built from ring 3.
+//!
+//! Ring 0 starts on static tables (asm/ring0.S) that map the first 4 GiB
+//! with 2 MiB pages: RAM below 4 GiB and the MMIO hole. Here we extend the
+//! map to the top of the e820 map, still with 2 MiB user-accessible pages
+//! (4 TiB of RAM needs 4096 page directories = 16 MiB).
+//!
+//! Under shadow paging every write to a page that is already a live page
+//! table traps, so all new tables are filled first, while they are plain
+//! memory, and then linked with one write per PML4 entry. The first PML4
+//! entry is replaced by a fresh copy of the static PDPT (same first four
+//! entries, so the translations in use do not change).
+
+use crate::bootinfo::E820Entry;
+use crate::io::cpuid;
+use crate::ranges::{align_up, Reserved, PAGE};
+use crate::ring0;
+use crate::util::Reason;
+use crate::reason;
+
+const GIB: u64 = 1 << 30;
+const STATIC_GIB: u64 = 4;
+/// present | writable | user
+const TABLE_FLAGS: u64 = 0x7;
+/// present | writable | user | 2 MiB page
+const LARGE_FLAGS: u64 = 0x87;
+
+/// Guest physical address width from CPUID (36 if the leaf is missing).
+fn phys_bits() -> u32 {
+    if cpuid(0x8000_0000, 0).eax >= 0x8000_0008 {
+        cpuid(0x8000_0008, 0).eax & 0xff
+    } else {
+        36
+    }
+}
+
+/// Maps every address below the end of the last e820 entry. Returns the end
+/// of the identity map.
+pub fn map_all(e820: &[E820Entry], reserved: &mut Reserved) -> Result<u64, Reason> {
+    let top = e820.iter().map(|e| e.end()).max().unwrap_or(0);
+    let top = align_up(top, GIB);
+    if top <= STATIC_GIB * GIB {
+        return Ok(STATIC_GIB * GIB);
+    }
+    let bits = phys_bits();
+    if top > (1u64 << bits.min(52)) {
+        return Err(reason!("e820 reaches {:#x}, beyond the {}-bit physical address width", top, bits));
+    }
+    let gibs = top / GIB;
+    let pdpts = gibs.div_ceil(512);
+    if pdpts > 512 {
+        return Err(reason!("e820 reaches {:#x}: too large to map", top));
+    }
+    let new_pds = gibs - STATIC_GIB;
+    let pages = new_pds + pdpts;
+    // Below 4 GiB, so that the tables are themselves mapped while we fill them.
+    let base = reserved
+        .alloc(e820, pages * PAGE, 1 << 20, STATIC_GIB * GIB, "page tables")
+        .ok_or_else(|| reason!("no free RAM below 4 GiB for {} KiB of page tables", pages * 4))?;
+    let pd_base = base;
+    let pdpt_base = base + new_pds * PAGE;
+
+    // SAFETY: [base, base + pages * PAGE) is RAM below 4 GiB (mapped), reserved
+    // for us just now, and not yet used as a page table, so plain writes are fine.
+    let tables = unsafe { core::slice::from_raw_parts_mut(base as *mut u64, (pages * 512) as usize) };
+    let (pds, pdpt_tables) = tables.split_at_mut((new_pds * 512) as usize);
+    for (i, e) in pds.iter_mut().enumerate() {
+        let addr = (STATIC_GIB * GIB) + (i as u64) * (2 << 20);
+        *e = addr | LARGE_FLAGS;
+    }
+    // SAFETY: the static PDPT is a page of u64s in the image.
+    let static_pdpt = unsafe { core::slice::from_raw_parts(ring0::pdpt0_addr() as *const u64, 512) };
+    for (gib, e) in pdpt_tables.iter_mut().enumerate() {
+        let gib = gib as u64;
+        *e = if gib < STATIC_GIB {
+            static_pdpt[gib as usize]
+        } else if gib < gibs {
+            (pd_base + (gib - STATIC_GIB) * PAGE) | TABLE_FLAGS
+        } else {
+            0
+        };
+    }
+    // Link: one (trapping) write per PML4 entry.
+    let pml4 = ring0::pml4_addr() as *mut u64;
+    for k in 0..pdpts {
+        // SAFETY: the PML4 is a mapped page of the image; entry k < 512. The new
+        // PDPT maps the same first 4 GiB as the one it replaces, so memory in use
+        // keeps its translation; the other entries were not present before.
+        unsafe { core::ptr::write_volatile(pml4.add(k as usize), (pdpt_base + k * PAGE) | TABLE_FLAGS) };
+    }
+    Ok(top)
+}

@@ -1,0 +1,83 @@
+//! Physical address ranges the probe must not touch (its image, the VMM's boot
+//! data, ACPI tables, page tables, the AP trampoline) and a page allocator
+//! that hands out RAM avoiding them.
+
+use crate::bootinfo::{E820Entry, E820_RAM};
+
+pub const PAGE: u64 = 4096;
+const MAX_RANGES: usize = 128;
+
+/// A half-open physical range `[start, end)` with a short label.
+#[derive(Clone, Copy, Debug)]
+pub struct Range {
+    pub start: u64,
+    pub end: u64,
+    pub what: &'static str,
+}
+
+/// Ranges in use; the allocator and the memory test stay out of them.
+pub struct Reserved {
+    ranges: [Range; MAX_RANGES],
+    len: usize,
+    /// Set when an `add` did not fit; the memory test then refuses to run.
+    pub overflowed: bool,
+}
+
+pub const fn align_down(x: u64, a: u64) -> u64 {
+    x & !(a - 1)
+}
+
+pub const fn align_up(x: u64, a: u64) -> u64 {
+    x.saturating_add(a - 1) & !(a - 1)
+}
+
+impl Reserved {
+    pub const fn new() -> Self {
+        Reserved { ranges: [Range { start: 0, end: 0, what: "" }; MAX_RANGES], len: 0, overflowed: false }
+    }
+
+    /// Reserves the whole pages covering `[start, start + size)`.
+    pub fn add(&mut self, start: u64, size: u64, what: &'static str) {
+        if size == 0 {
+            return;
+        }
+        let r = Range { start: align_down(start, PAGE), end: align_up(start.saturating_add(size), PAGE), what };
+        if self.len == MAX_RANGES {
+            self.overflowed = true;
+            return;
+        }
+        self.ranges[self.len] = r;
+        self.len += 1;
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Range> {
+        self.ranges[..self.len].iter()
+    }
+
+    /// The first reserved range overlapping `[start, end)`, if any.
+    pub fn overlap(&self, start: u64, end: u64) -> Option<&Range> {
+        self.iter().find(|r| r.start < end && start < r.end)
+    }
+
+    /// Finds `size` bytes (page multiple) of RAM in `[lo, hi)`, page aligned,
+    /// outside every reserved range, and reserves it.
+    pub fn alloc(&mut self, e820: &[E820Entry], size: u64, lo: u64, hi: u64, what: &'static str) -> Option<u64> {
+        if self.len == MAX_RANGES {
+            return None;
+        }
+        for e in e820.iter().filter(|e| e.kind == E820_RAM) {
+            let mut start = align_up(e.addr.max(lo), PAGE);
+            let end = align_down(e.end().min(hi), PAGE);
+            while start.checked_add(size).is_some_and(|x| x <= end) {
+                match self.overlap(start, start + size) {
+                    Some(r) => start = align_up(r.end, PAGE),
+                    None => {
+                        self.add(start, size, what);
+                        return Some(start);
+                    }
+                }
+            }
+        }
+        None
+    }
+}
