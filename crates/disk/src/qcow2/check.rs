@@ -1,0 +1,394 @@
+//! Consistency check and repair: recompute every cluster's refcount from the metadata and
+//! compare, like `qemu-img check`. Also used to repair an image left dirty by lazy refcounts.
+
+use super::compress;
+use super::refcount::{rb_get, OFFSET_MASK};
+use super::state::{parse_u64s, State, COMPRESSED, COPIED, ZERO};
+use super::Qcow2Error;
+
+/// What `check` may repair.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RepairMode {
+    /// Report only.
+    None,
+    /// Fix refcounts that are too high.
+    Leaks,
+    /// Fix every refcount and the COPIED flags.
+    All,
+}
+
+/// The result of a check, with qemu-img's counters.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CheckReport {
+    /// Refcounts too low, wrong flags, entries pointing outside the file.
+    pub corruptions: u64,
+    /// Refcounts too high.
+    pub leaks: u64,
+    /// Problems that stopped the check from completing.
+    pub check_errors: u64,
+    /// Corruptions repaired.
+    pub corruptions_fixed: u64,
+    /// Leaks repaired.
+    pub leaks_fixed: u64,
+    /// End of the last used cluster.
+    pub image_end_offset: u64,
+    /// Guest clusters in the virtual disk.
+    pub total_clusters: u64,
+    /// Guest clusters allocated in the active L1 table.
+    pub allocated_clusters: u64,
+    /// Allocated clusters not contiguous with the previous one.
+    pub fragmented_clusters: u64,
+    /// Compressed clusters.
+    pub compressed_clusters: u64,
+    /// One line per problem, worded like qemu-img's.
+    pub messages: Vec<String>,
+}
+
+struct Counter {
+    refs: Vec<u32>,
+    cs_bits: u32,
+    file_clusters: u64,
+}
+
+impl Counter {
+    fn inc(&mut self, off: u64, len: u64, what: &str, rep: &mut CheckReport) -> bool {
+        if len == 0 {
+            return true;
+        }
+        let first = off >> self.cs_bits;
+        let Some(last) = off.checked_add(len - 1).map(|e| e >> self.cs_bits) else {
+            rep.corruptions += 1;
+            rep.messages
+                .push(format!("ERROR {what} at offset {off:#x} overflows"));
+            return false;
+        };
+        if last >= self.file_clusters {
+            rep.corruptions += 1;
+            rep.messages.push(format!(
+                "ERROR {what} at offset {off:#x} (length {len}) is past the end of the image file"
+            ));
+            return false;
+        }
+        for c in first..=last {
+            let i = usize::try_from(c).unwrap_or(usize::MAX);
+            if i >= self.refs.len() {
+                self.refs.resize(i + 1, 0);
+            }
+            self.refs[i] = self.refs[i].saturating_add(1);
+        }
+        true
+    }
+}
+
+impl State {
+    /// Walks one L1 table, counting references; `active` also checks COPIED flags and stats.
+    fn count_l1(
+        &mut self,
+        l1: &[u64],
+        active: bool,
+        cnt: &mut Counter,
+        rep: &mut CheckReport,
+        copied_fixes: &mut Vec<(Option<u64>, usize, u64)>,
+    ) -> Result<(), Qcow2Error> {
+        let ext = self.ext_l2;
+        let mut next_contig = 0u64;
+        for (i, &e) in l1.iter().enumerate() {
+            let l2off = e & OFFSET_MASK;
+            if l2off == 0 {
+                continue;
+            }
+            if l2off & (self.cs - 1) != 0 {
+                rep.corruptions += 1;
+                rep.messages.push(format!(
+                    "ERROR: L2 table offset {l2off:#x} unaligned (L1 index: {i:#x})"
+                ));
+                continue;
+            }
+            if !cnt.inc(l2off, self.cs, "L2 table", rep) {
+                continue;
+            }
+            if active {
+                let rc = self.refcount(l2off >> self.cbits)?;
+                if (rc == 1) != (e & COPIED != 0) {
+                    rep.corruptions += 1;
+                    rep.messages.push(format!(
+                        "ERROR OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={e:x} refcount={rc}"
+                    ));
+                    copied_fixes.push((None, i, if rc == 1 { e | COPIED } else { e & !COPIED }));
+                }
+            }
+            let data = match self.l2_cache.get(&l2off) {
+                Some(t) => t.data.clone(),
+                None => match self.read_meta(l2off, self.cs, "L2 table") {
+                    Ok(raw) => parse_u64s(&raw),
+                    Err(_) => {
+                        rep.check_errors += 1;
+                        continue;
+                    }
+                },
+            };
+            let step = if ext { 2 } else { 1 };
+            for k in (0..data.len()).step_by(step) {
+                let entry = data[k];
+                let bitmap = if ext { data[k + 1] } else { 0 };
+                if entry & COMPRESSED != 0 {
+                    let (host, csize) = compress::descriptor(entry, self.cbits);
+                    cnt.inc(host, csize, "compressed cluster", rep);
+                    if active {
+                        rep.allocated_clusters += 1;
+                        rep.compressed_clusters += 1;
+                    }
+                    continue;
+                }
+                let host = entry & OFFSET_MASK;
+                if ext && bitmap & (bitmap >> 32) & 0xffff_ffff != 0 {
+                    rep.corruptions += 1;
+                    rep.messages.push(format!(
+                        "ERROR: invalid subcluster bitmap {bitmap:#x} for L2 entry {entry:#x}"
+                    ));
+                }
+                if host == 0 {
+                    continue;
+                }
+                if host & (self.cs - 1) != 0 || (!ext && entry & 0x1fe != 0) {
+                    rep.corruptions += 1;
+                    rep.messages.push(format!("ERROR offset={host:x}: Cluster is not properly aligned; L2 entry corrupted."));
+                    continue;
+                }
+                if !cnt.inc(host, self.cs, "data cluster", rep) {
+                    continue;
+                }
+                if active {
+                    rep.allocated_clusters += 1;
+                    if next_contig != 0 && host != next_contig {
+                        rep.fragmented_clusters += 1;
+                    }
+                    next_contig = host + self.cs;
+                    let rc = self.refcount(host >> self.cbits)?;
+                    if (rc == 1) != (entry & COPIED != 0) {
+                        rep.corruptions += 1;
+                        let kind = if !ext && entry & ZERO != 0 {
+                            "zero"
+                        } else {
+                            "data"
+                        };
+                        rep.messages.push(format!(
+                            "ERROR OFLAG_COPIED {kind} cluster: l2_entry={entry:x} refcount={rc}"
+                        ));
+                        let fixed = if rc == 1 {
+                            entry | COPIED
+                        } else {
+                            entry & !COPIED
+                        };
+                        copied_fixes.push((Some(l2off), k, fixed));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn count_bitmaps(&mut self, cnt: &mut Counter, rep: &mut CheckReport) {
+        let Some(ext) = self.hdr.bitmaps.clone() else {
+            return;
+        };
+        if ext.len() < 24 {
+            return;
+        }
+        let dir_size = u64::from_be_bytes(ext[8..16].try_into().unwrap_or([0; 8]));
+        let dir_off = u64::from_be_bytes(ext[16..24].try_into().unwrap_or([0; 8]));
+        if !cnt.inc(dir_off, dir_size, "bitmap directory", rep) {
+            return;
+        }
+        let Ok(dir) = self.read_meta(dir_off, dir_size, "bitmap directory") else {
+            return;
+        };
+        let mut off = 0usize;
+        while off + 24 <= dir.len() {
+            let e = &dir[off..];
+            let toff = u64::from_be_bytes(e[0..8].try_into().unwrap_or([0; 8]));
+            let tsize = u64::from(u32::from_be_bytes(e[8..12].try_into().unwrap_or([0; 4])));
+            let name = usize::from(u16::from_be_bytes([e[18], e[19]]));
+            let extra = u32::from_be_bytes(e[20..24].try_into().unwrap_or([0; 4])) as usize;
+            if cnt.inc(toff, tsize * 8, "bitmap table", rep) {
+                if let Ok(t) = self.read_meta(toff, tsize * 8, "bitmap table") {
+                    for d in parse_u64s(&t) {
+                        if d & OFFSET_MASK != 0 {
+                            cnt.inc(d & OFFSET_MASK, self.cs, "bitmap data", rep);
+                        }
+                    }
+                }
+            }
+            off += (24 + extra + name).div_ceil(8) * 8;
+        }
+    }
+
+    /// Checks refcounts against the metadata, repairing as asked.
+    pub(crate) fn check(&mut self, mode: RepairMode) -> Result<CheckReport, Qcow2Error> {
+        let mut first = self.check_once(mode)?;
+        if mode != RepairMode::None && (first.leaks_fixed > 0 || first.corruptions_fixed > 0) {
+            // Repairs may allocate refcount blocks; converge, then report the final state.
+            for _ in 0..4 {
+                let again = self.check_once(mode)?;
+                if again.leaks == 0 && again.corruptions == 0 {
+                    break;
+                }
+            }
+            let after = self.check_once(RepairMode::None)?;
+            first.image_end_offset = after.image_end_offset;
+            first.messages.extend(after.messages.iter().cloned());
+            first.leaks = after.leaks;
+            first.corruptions = after.corruptions;
+        }
+        Ok(first)
+    }
+
+    fn check_once(&mut self, mode: RepairMode) -> Result<CheckReport, Qcow2Error> {
+        self.write_back_metadata()?;
+        let mut rep = CheckReport {
+            total_clusters: self.hdr.size.div_ceil(self.cs),
+            ..CheckReport::default()
+        };
+        let file_clusters = self.file_len.div_ceil(self.cs);
+        let mut cnt = Counter {
+            refs: Vec::new(),
+            cs_bits: self.cbits,
+            file_clusters,
+        };
+        let mut fixes = Vec::new();
+        cnt.inc(0, self.cs, "header", &mut rep);
+        let l1 = self.l1.clone();
+        cnt.inc(
+            self.hdr.l1_table_offset,
+            l1.len() as u64 * 8,
+            "L1 table",
+            &mut rep,
+        );
+        self.count_l1(&l1, true, &mut cnt, &mut rep, &mut fixes)?;
+        for s in self.snapshots.clone() {
+            cnt.inc(
+                s.l1_offset,
+                u64::from(s.l1_size) * 8,
+                "snapshot L1 table",
+                &mut rep,
+            );
+            match self.read_l1_at(s.l1_offset, s.l1_size) {
+                Ok(sl1) => self.count_l1(&sl1, false, &mut cnt, &mut rep, &mut Vec::new())?,
+                Err(_) => rep.check_errors += 1,
+            }
+        }
+        if self.hdr.nb_snapshots > 0 {
+            cnt.inc(
+                self.hdr.snapshots_offset,
+                self.snap_table_len,
+                "snapshot table",
+                &mut rep,
+            );
+        }
+        cnt.inc(
+            self.hdr.refcount_table_offset,
+            u64::from(self.hdr.refcount_table_clusters) << self.cbits,
+            "refcount table",
+            &mut rep,
+        );
+        for &e in &self.rc_table.clone() {
+            if e & OFFSET_MASK != 0 {
+                cnt.inc(e & OFFSET_MASK, self.cs, "refcount block", &mut rep);
+            }
+        }
+        if let Some((off, len)) = self.hdr.crypto_header {
+            cnt.inc(off, len, "encryption header", &mut rep);
+        }
+        self.count_bitmaps(&mut cnt, &mut rep);
+
+        // Compare with the stored refcounts.
+        let per = self.rb_entries();
+        let order = self.hdr.refcount_order;
+        let mut fix_rc: Vec<(u64, u64)> = Vec::new();
+        let covered = self.rc_table.len() as u64 * per;
+        let mut last_used = 0u64;
+        for ti in 0..self.rc_table.len() as u64 {
+            let has = self.rc_table[usize::try_from(ti).unwrap_or(0)] & OFFSET_MASK != 0;
+            let block: Option<Vec<u8>> = if has {
+                self.refcount(ti * per)?;
+                self.rb_cache.get(&ti).map(|b| b.data.clone())
+            } else {
+                None
+            };
+            let start = ti * per;
+            let lim = if block.is_some() {
+                per
+            } else {
+                (cnt.refs.len() as u64).saturating_sub(start).min(per)
+            };
+            for bi in 0..lim {
+                let c = start + bi;
+                let stored = block
+                    .as_ref()
+                    .map_or(0, |b| rb_get(b, order, usize::try_from(bi).unwrap_or(0)));
+                let want = cnt
+                    .refs
+                    .get(usize::try_from(c).unwrap_or(usize::MAX))
+                    .copied()
+                    .map_or(0, u64::from);
+                if stored != 0 || want != 0 {
+                    last_used = last_used.max(c + 1);
+                }
+                if stored == want {
+                    continue;
+                }
+                if stored > want {
+                    rep.leaks += 1;
+                    rep.messages.push(format!(
+                        "Leaked cluster {c} refcount={stored} reference={want}"
+                    ));
+                    if mode != RepairMode::None {
+                        fix_rc.push((c, want));
+                        rep.leaks_fixed += 1;
+                    }
+                } else {
+                    rep.corruptions += 1;
+                    rep.messages.push(format!(
+                        "ERROR cluster {c} refcount={stored} reference={want}"
+                    ));
+                    if mode == RepairMode::All {
+                        fix_rc.push((c, want));
+                        rep.corruptions_fixed += 1;
+                    }
+                }
+            }
+        }
+        for (c, &want) in cnt
+            .refs
+            .iter()
+            .enumerate()
+            .skip(usize::try_from(covered).unwrap_or(usize::MAX))
+        {
+            if want > 0 {
+                rep.corruptions += 1;
+                rep.messages
+                    .push(format!("ERROR cluster {c} refcount=0 reference={want}"));
+                if mode == RepairMode::All {
+                    fix_rc.push((c as u64, u64::from(want)));
+                    rep.corruptions_fixed += 1;
+                }
+                last_used = last_used.max(c as u64 + 1);
+            }
+        }
+        rep.image_end_offset = last_used << self.cbits;
+        if mode == RepairMode::None || self.read_only {
+            return Ok(rep);
+        }
+        for (c, v) in fix_rc {
+            self.set_refcount(c, v)?;
+        }
+        if mode == RepairMode::All {
+            let n = fixes.len() as u64;
+            self.write_back_metadata()?;
+            self.fix_copied_flags()?;
+            rep.corruptions_fixed += n;
+        }
+        self.flush()?;
+        Ok(rep)
+    }
+}
