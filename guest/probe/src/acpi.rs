@@ -169,8 +169,7 @@ fn table(addr: u64) -> Result<([u8; 4], u32), Reason> {
 /// Parses everything, reserving what it reads. Never fails outright: problems
 /// land in `Acpi::error` and whatever was understood is kept.
 pub fn parse(hint: Option<u64>, reserved: &mut Reserved) -> Acpi {
-    let mut acpi =
-        Acpi { rsdp: 0, sigs: [[0; 4]; MAX_TABLES], nsigs: 0, madt: None, poweroff: None, error: None };
+    let mut acpi = Acpi { rsdp: 0, sigs: [[0; 4]; MAX_TABLES], nsigs: 0, madt: None, poweroff: None, error: None };
     let rsdp = match hint {
         Some(a) if valid_rsdp(a) => a,
         Some(a) => {
@@ -190,7 +189,7 @@ pub fn parse(hint: Option<u64>, reserved: &mut Reserved) -> Acpi {
     let (revision, rsdt) = unsafe { (peek::<u8>(rsdp + 15), peek::<u32>(rsdp + 16)) };
     let mut root = u64::from(rsdt);
     let mut entry_size = 4;
-    reserved.add(rsdp, 20, "rsdp");
+    reserved.add(rsdp, 20);
     if revision >= 2 {
         if !mapped(rsdp, 36) {
             acpi.fail(reason!("RSDP v2 at {:#x} crosses 4 GiB", rsdp));
@@ -201,7 +200,7 @@ pub fn parse(hint: Option<u64>, reserved: &mut Reserved) -> Acpi {
         if !(36..=4096).contains(&len) || !mapped(rsdp, u64::from(len)) || !checksum_ok(bytes(rsdp, len)) {
             acpi.fail(reason!("bad RSDP extended checksum"));
         }
-        reserved.add(rsdp, u64::from(len), "rsdp");
+        reserved.add(rsdp, u64::from(len));
         if xsdt != 0 {
             root = xsdt;
             entry_size = 8;
@@ -219,7 +218,7 @@ pub fn parse(hint: Option<u64>, reserved: &mut Reserved) -> Acpi {
         acpi.fail(reason!("root table at {:#x} is {}, want {}", root, Printable(&root_sig), Printable(want)));
         return acpi;
     }
-    reserved.add(root, u64::from(root_len), "acpi root table");
+    reserved.add(root, u64::from(root_len));
 
     let mut fadt = None;
     let mut ssdts = [0u64; 8];
@@ -228,10 +227,16 @@ pub fn parse(hint: Option<u64>, reserved: &mut Reserved) -> Acpi {
     for i in 0..entries {
         let at = root + 36 + u64::from(i * entry_size);
         // SAFETY: the entry lies within the checked root table.
-        let addr = unsafe { if entry_size == 8 { peek::<u64>(at) } else { u64::from(peek::<u32>(at)) } };
+        let addr = unsafe {
+            if entry_size == 8 {
+                peek::<u64>(at)
+            } else {
+                u64::from(peek::<u32>(at))
+            }
+        };
         match table(addr) {
             Ok((sig, len)) => {
-                reserved.add(addr, u64::from(len), "acpi table");
+                reserved.add(addr, u64::from(len));
                 acpi.push_sig(sig);
                 match &sig {
                     b"FACP" => fadt = Some((addr, len)),
@@ -322,7 +327,7 @@ fn parse_fadt(addr: u64, len: u32, ssdts: &[u64], reserved: &mut Reserved, acpi:
     let mut slp_typ = None;
     match table(dsdt) {
         Ok((sig, dlen)) if &sig == b"DSDT" => {
-            reserved.add(dsdt, u64::from(dlen), "acpi table");
+            reserved.add(dsdt, u64::from(dlen));
             acpi.push_sig(sig);
             slp_typ = find_s5(&bytes(dsdt, dlen)[36..]);
         }

@@ -44,7 +44,6 @@ impl Entry {
 }
 
 pub struct BootInfo {
-    pub entry: Entry,
     pub cmdline: Option<&'static [u8]>,
     e820: [E820Entry; MAX_E820],
     e820_len: usize,
@@ -95,7 +94,6 @@ fn c_string(addr: u64) -> Option<&'static [u8]> {
 /// Parses the boot information at `info` for the given entry kind.
 pub fn parse(entry: Entry, info: u64, reserved: &mut Reserved) -> BootInfo {
     let mut bi = BootInfo {
-        entry,
         cmdline: None,
         e820: [E820Entry::default(); MAX_E820],
         e820_len: 0,
@@ -108,7 +106,7 @@ pub fn parse(entry: Entry, info: u64, reserved: &mut Reserved) -> BootInfo {
         Entry::Linux64 => parse_boot_params(&mut bi, info, reserved),
     }
     if let Some(c) = bi.cmdline {
-        reserved.add(c.as_ptr() as u64, c.len() as u64 + 1, "cmdline");
+        reserved.add(c.as_ptr() as u64, c.len() as u64 + 1);
     }
     bi
 }
@@ -119,7 +117,7 @@ fn parse_pvh(bi: &mut BootInfo, info: u64, reserved: &mut Reserved) {
         bi.error = Some("hvm_start_info pointer not in the first 4 GiB");
         return;
     }
-    // SAFETY (all peeks below): [info, info + 56) is mapped (checked above).
+    // SAFETY: [info, info + 56) is mapped (checked above).
     let magic: u32 = unsafe { peek(info) };
     if magic != PVH_MAGIC {
         bi.error = Some("bad hvm_start_info magic");
@@ -127,23 +125,29 @@ fn parse_pvh(bi: &mut BootInfo, info: u64, reserved: &mut Reserved) {
     }
     // SAFETY: see above.
     let (version, nr_modules, modlist, cmdline, rsdp) = unsafe {
-        (peek::<u32>(info + 4), peek::<u32>(info + 12), peek::<u64>(info + 16), peek::<u64>(info + 24), peek::<u64>(info + 32))
+        (
+            peek::<u32>(info + 4),
+            peek::<u32>(info + 12),
+            peek::<u64>(info + 16),
+            peek::<u64>(info + 24),
+            peek::<u64>(info + 32),
+        )
     };
-    reserved.add(info, if version >= 1 { 56 } else { 40 }, "hvm_start_info");
+    reserved.add(info, if version >= 1 { 56 } else { 40 });
     bi.cmdline = c_string(cmdline);
     bi.rsdp = (rsdp != 0).then_some(rsdp);
     let modlist_len = u64::from(nr_modules) * 32;
     if nr_modules > 0 && mapped(modlist, modlist_len) {
-        reserved.add(modlist, modlist_len, "pvh modlist");
+        reserved.add(modlist, modlist_len);
         for i in 0..u64::from(nr_modules).min(16) {
             // SAFETY: entry i lies inside the mapped module list.
             let (paddr, size, mcmd) = unsafe {
                 let e = modlist + i * 32;
                 (peek::<u64>(e), peek::<u64>(e + 8), peek::<u64>(e + 16))
             };
-            reserved.add(paddr, size, "pvh module");
+            reserved.add(paddr, size);
             if let Some(c) = c_string(mcmd) {
-                reserved.add(mcmd, c.len() as u64 + 1, "pvh module cmdline");
+                reserved.add(mcmd, c.len() as u64 + 1);
             }
         }
     }
@@ -158,7 +162,7 @@ fn parse_pvh(bi: &mut BootInfo, info: u64, reserved: &mut Reserved) {
         bi.error = Some("hvm_start_info has no usable memory map");
         return;
     }
-    reserved.add(memmap, len, "pvh memmap");
+    reserved.add(memmap, len);
     for i in 0..u64::from(entries) {
         let e = memmap + i * 24;
         // SAFETY: entry i lies inside the mapped memory map.
@@ -173,9 +177,9 @@ fn parse_boot_params(bi: &mut BootInfo, bp: u64, reserved: &mut Reserved) {
         bi.error = Some("boot_params pointer not in the first 4 GiB");
         return;
     }
-    reserved.add(bp, 4096, "boot_params");
-    // SAFETY (all peeks below): the 4 KiB zero page is mapped (checked above).
+    reserved.add(bp, 4096);
     let (rsdp, e820_entries, cmd_lo, cmd_hi) =
+        // SAFETY: the 4 KiB zero page is mapped (checked above).
         unsafe { (peek::<u64>(bp + 0x070), peek::<u8>(bp + 0x1e8), peek::<u32>(bp + 0x228), peek::<u32>(bp + 0x0c8)) };
     bi.rsdp = (rsdp != 0).then_some(rsdp);
     bi.cmdline = c_string((u64::from(cmd_hi) << 32) | u64::from(cmd_lo));
@@ -185,7 +189,7 @@ fn parse_boot_params(bi: &mut BootInfo, bp: u64, reserved: &mut Reserved) {
     let ramdisk = (u64::from(rd_hi) << 32) | u64::from(rd_lo);
     let ramdisk_size = (u64::from(rs_hi) << 32) | u64::from(rs_lo);
     if ramdisk != 0 {
-        reserved.add(ramdisk, ramdisk_size, "initrd");
+        reserved.add(ramdisk, ramdisk_size);
     }
     // setup_data chain (hdr.setup_data at 0x250): reserve every node.
     // SAFETY: see above.
@@ -196,7 +200,7 @@ fn parse_boot_params(bi: &mut BootInfo, bp: u64, reserved: &mut Reserved) {
         }
         // SAFETY: the 16-byte node header is mapped (checked above).
         let (next, len) = unsafe { (peek::<u64>(sd), peek::<u32>(sd + 12)) };
-        reserved.add(sd, 16 + u64::from(len), "setup_data");
+        reserved.add(sd, 16 + u64::from(len));
         sd = next;
     }
     let n = usize::from(e820_entries).min(128);

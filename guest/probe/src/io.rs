@@ -16,16 +16,6 @@ pub unsafe fn outb(port: u16, value: u8) {
     unsafe { asm!("out dx, al", in("dx") port, in("al") value, options(nomem, nostack, preserves_flags)) }
 }
 
-/// Writes a 16-bit word to an I/O port.
-///
-/// # Safety
-/// As for [`outb`].
-#[inline(always)]
-pub unsafe fn outw(port: u16, value: u16) {
-    // SAFETY: the caller vouches for the port; `out` touches no memory.
-    unsafe { asm!("out dx, ax", in("dx") port, in("ax") value, options(nomem, nostack, preserves_flags)) }
-}
-
 /// Reads a byte from an I/O port.
 ///
 /// # Safety
@@ -36,28 +26,6 @@ pub unsafe fn inb(port: u16) -> u8 {
     // SAFETY: the caller vouches for the port; `in` touches no memory.
     unsafe { asm!("in al, dx", in("dx") port, out("al") value, options(nomem, nostack, preserves_flags)) }
     value
-}
-
-/// Reads a 32-bit value from an I/O port.
-///
-/// # Safety
-/// As for [`inb`].
-#[inline(always)]
-pub unsafe fn inl(port: u16) -> u32 {
-    let value: u32;
-    // SAFETY: the caller vouches for the port; `in` touches no memory.
-    unsafe { asm!("in eax, dx", in("dx") port, out("eax") value, options(nomem, nostack, preserves_flags)) }
-    value
-}
-
-/// Writes a 32-bit value to an I/O port.
-///
-/// # Safety
-/// As for [`outb`].
-#[inline(always)]
-pub unsafe fn outl(port: u16, value: u32) {
-    // SAFETY: the caller vouches for the port; `out` touches no memory.
-    unsafe { asm!("out dx, eax", in("dx") port, in("eax") value, options(nomem, nostack, preserves_flags)) }
 }
 
 /// Reads a 32-bit MMIO register.

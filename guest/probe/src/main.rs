@@ -40,7 +40,7 @@ extern "C" fn probe_main(entry: u64, info: u64) -> ! {
 
     let mut reserved = Reserved::new();
     let image = ring0::image_range();
-    reserved.add(image.0, image.1 - image.0, "probe image");
+    reserved.add(image.0, image.1 - image.0);
     let boot = bootinfo::parse(entry, info, &mut reserved);
     emit!("PROBE info cmdline={}", Printable(boot.cmdline.unwrap_or(b"")));
     for e in boot.e820() {

@@ -13,9 +13,9 @@ use crate::cmdline::MemMode;
 use crate::emit;
 use crate::io::rdtsc;
 use crate::ranges::{align_down, align_up, Reserved, PAGE};
+use crate::reason;
 use crate::tsc::Tsc;
 use crate::util::Reason;
-use crate::reason;
 
 const GIB: u64 = 1 << 30;
 const SALT: u64 = 0xa5c3_5a3c_0ff0_f00f;
@@ -48,7 +48,12 @@ fn verify(start: u64, end: u64) -> Option<(u64, u64)> {
 
 /// Calls `f` on every page-aligned piece of `[start, end)` outside the
 /// reserved ranges, in address order.
-fn free_pieces(start: u64, end: u64, reserved: &Reserved, f: &mut impl FnMut(u64, u64) -> Result<(), Reason>) -> Result<(), Reason> {
+fn free_pieces(
+    start: u64,
+    end: u64,
+    reserved: &Reserved,
+    f: &mut impl FnMut(u64, u64) -> Result<(), Reason>,
+) -> Result<(), Reason> {
     let mut cur = start;
     while cur < end {
         let next = reserved.iter().filter(|r| r.start < end && cur < r.end).min_by_key(|r| r.start);
@@ -123,7 +128,13 @@ fn run(e820: &[E820Entry], reserved: &Reserved, mode: MemMode, mapped_top: u64) 
     Ok(bytes)
 }
 
-pub fn check(e820: &[E820Entry], reserved: &Reserved, mode: MemMode, mapped: Result<u64, Reason>, tsc: Option<Tsc>) -> bool {
+pub fn check(
+    e820: &[E820Entry],
+    reserved: &Reserved,
+    mode: MemMode,
+    mapped: Result<u64, Reason>,
+    tsc: Option<Tsc>,
+) -> bool {
     let mapped_top = match mapped {
         Ok(top) => top,
         Err(r) => {

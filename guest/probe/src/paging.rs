@@ -14,9 +14,9 @@
 use crate::bootinfo::E820Entry;
 use crate::io::cpuid;
 use crate::ranges::{align_up, Reserved, PAGE};
+use crate::reason;
 use crate::ring0;
 use crate::util::Reason;
-use crate::reason;
 
 const GIB: u64 = 1 << 30;
 const STATIC_GIB: u64 = 4;
@@ -55,7 +55,7 @@ pub fn map_all(e820: &[E820Entry], reserved: &mut Reserved) -> Result<u64, Reaso
     let pages = new_pds + pdpts;
     // Below 4 GiB, so that the tables are themselves mapped while we fill them.
     let base = reserved
-        .alloc(e820, pages * PAGE, 1 << 20, STATIC_GIB * GIB, "page tables")
+        .alloc(e820, pages * PAGE, 1 << 20, STATIC_GIB * GIB)
         .ok_or_else(|| reason!("no free RAM below 4 GiB for {} KiB of page tables", pages * 4))?;
     let pd_base = base;
     let pdpt_base = base + new_pds * PAGE;

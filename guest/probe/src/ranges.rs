@@ -7,12 +7,11 @@ use crate::bootinfo::{E820Entry, E820_RAM};
 pub const PAGE: u64 = 4096;
 const MAX_RANGES: usize = 128;
 
-/// A half-open physical range `[start, end)` with a short label.
+/// A half-open physical range `[start, end)`.
 #[derive(Clone, Copy, Debug)]
 pub struct Range {
     pub start: u64,
     pub end: u64,
-    pub what: &'static str,
 }
 
 /// Ranges in use; the allocator and the memory test stay out of them.
@@ -33,15 +32,15 @@ pub const fn align_up(x: u64, a: u64) -> u64 {
 
 impl Reserved {
     pub const fn new() -> Self {
-        Reserved { ranges: [Range { start: 0, end: 0, what: "" }; MAX_RANGES], len: 0, overflowed: false }
+        Reserved { ranges: [Range { start: 0, end: 0 }; MAX_RANGES], len: 0, overflowed: false }
     }
 
     /// Reserves the whole pages covering `[start, start + size)`.
-    pub fn add(&mut self, start: u64, size: u64, what: &'static str) {
+    pub fn add(&mut self, start: u64, size: u64) {
         if size == 0 {
             return;
         }
-        let r = Range { start: align_down(start, PAGE), end: align_up(start.saturating_add(size), PAGE), what };
+        let r = Range { start: align_down(start, PAGE), end: align_up(start.saturating_add(size), PAGE) };
         if self.len == MAX_RANGES {
             self.overflowed = true;
             return;
@@ -61,7 +60,7 @@ impl Reserved {
 
     /// Finds `size` bytes (page multiple) of RAM in `[lo, hi)`, page aligned,
     /// outside every reserved range, and reserves it.
-    pub fn alloc(&mut self, e820: &[E820Entry], size: u64, lo: u64, hi: u64, what: &'static str) -> Option<u64> {
+    pub fn alloc(&mut self, e820: &[E820Entry], size: u64, lo: u64, hi: u64) -> Option<u64> {
         if self.len == MAX_RANGES {
             return None;
         }
@@ -72,7 +71,7 @@ impl Reserved {
                 match self.overlap(start, start + size) {
                     Some(r) => start = align_up(r.end, PAGE),
                     None => {
-                        self.add(start, size, what);
+                        self.add(start, size);
                         return Some(start);
                     }
                 }

@@ -4,8 +4,8 @@
 
 use crate::emit;
 use crate::io::{inb, outb, rdtsc};
-use crate::util::Reason;
 use crate::reason;
+use crate::util::Reason;
 
 fn cmos(reg: u8) -> u8 {
     // SAFETY: selecting a CMOS register (keeping NMIs enabled, bit 7 clear)

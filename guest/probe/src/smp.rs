@@ -96,7 +96,13 @@ fn delay_us(tsc: Option<Tsc>, us: u64) {
 
 /// Starts the APs and waits for them. Returns (started ids incl. the BSP,
 /// sorted, and how many there are).
-fn start(madt: &Madt, e820: &[E820Entry], reserved: &mut Reserved, timeout_ms: u64, tsc: Option<Tsc>) -> Result<(), Reason> {
+fn start(
+    madt: &Madt,
+    e820: &[E820Entry],
+    reserved: &mut Reserved,
+    timeout_ms: u64,
+    tsc: Option<Tsc>,
+) -> Result<(), Reason> {
     let expected = madt.enabled;
     if expected <= 1 {
         return Ok(());
@@ -115,7 +121,7 @@ fn start(madt: &Madt, e820: &[E820Entry], reserved: &mut Reserved, timeout_ms: u
         Apic::X(base)
     };
     let page = reserved
-        .alloc(e820, PAGE, 0x1000, 0xa0000, "AP trampoline")
+        .alloc(e820, PAGE, 0x1000, 0xa0000)
         .ok_or_else(|| reason!("no free RAM page below 640 KiB for the AP trampoline"))?;
     let code = ring0::ap_trampoline();
     // SAFETY: `page` is a reserved, identity-mapped RAM page below 1 MiB that
@@ -143,7 +149,13 @@ fn start(madt: &Madt, e820: &[E820Entry], reserved: &mut Reserved, timeout_ms: u
     Ok(())
 }
 
-pub fn check(madt: Option<&Madt>, e820: &[E820Entry], reserved: &mut Reserved, timeout_ms: u64, tsc: Option<Tsc>) -> bool {
+pub fn check(
+    madt: Option<&Madt>,
+    e820: &[E820Entry],
+    reserved: &mut Reserved,
+    timeout_ms: u64,
+    tsc: Option<Tsc>,
+) -> bool {
     let Some(madt) = madt else {
         emit!("PROBE smp fail no MADT: cannot tell how many CPUs to expect");
         return false;

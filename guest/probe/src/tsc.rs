@@ -12,7 +12,6 @@ const CAL_MS: u64 = 20;
 #[derive(Clone, Copy, Debug)]
 pub struct Tsc {
     pub khz: u64,
-    pub source: &'static str,
 }
 
 impl Tsc {
@@ -115,10 +114,10 @@ fn from_pit() -> Option<u64> {
 
 pub fn calibrate() -> Option<Tsc> {
     if let Some(khz) = from_hypervisor_leaf() {
-        return Some(Tsc { khz, source: "cpuid-40000010" });
+        return Some(Tsc { khz });
     }
     if let Some(khz) = from_leaf_15() {
-        return Some(Tsc { khz, source: "cpuid-15" });
+        return Some(Tsc { khz });
     }
-    from_pit().map(|khz| Tsc { khz, source: "pit" })
+    from_pit().map(|khz| Tsc { khz })
 }

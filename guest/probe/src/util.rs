@@ -39,8 +39,8 @@ impl<const N: usize> fmt::Display for StrBuf<N> {
     }
 }
 
-/// A short failure reason.
-pub type Reason = StrBuf<160>;
+/// A short failure reason (kept under clippy's 128-byte `result_large_err` limit).
+pub type Reason = StrBuf<112>;
 
 /// Builds a [`Reason`] with `format!`-like syntax.
 #[macro_export]
