@@ -194,3 +194,114 @@ mod tests {
         }
     }
 }
+
+/// Slots below this guest-physical address are registered before the guest starts; the
+/// rest are registered by a background thread while the guest already runs.
+///
+/// On hosts where KVM shadows guest page tables, registering a slot costs time in
+/// proportion to its size (about 6 ms per GiB here, and several seconds for terabytes), so
+/// a huge guest would otherwise wait that long for its first instruction. Until its slot is
+/// in, an access to deferred RAM exits to kiln as MMIO and [`PendingRam`] serves it.
+pub const SYNC_SLOT_LIMIT: u64 = 16 << 30;
+
+/// Progress of the background slot registration, shared with [`PendingRam`].
+#[derive(Default)]
+pub struct DeferredSlots {
+    /// Index (in the deferred list) of the first slot not yet registered; `usize::MAX` once
+    /// registration failed.
+    done: std::sync::Mutex<usize>,
+    changed: std::sync::Condvar,
+    stopping: std::sync::atomic::AtomicBool,
+}
+
+impl DeferredSlots {
+    fn set_done(&self, n: usize) {
+        *kiln_devices::bus::lock(&self.done) = n;
+        self.changed.notify_all();
+    }
+
+    /// Makes waiters give up: the VM is shutting down.
+    pub fn stop(&self) {
+        self.stopping
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.changed.notify_all();
+    }
+
+    /// Waits until deferred slot `index` is registered; false if it never will be.
+    fn wait_for(&self, index: usize) -> bool {
+        let mut done = kiln_devices::bus::lock(&self.done);
+        loop {
+            if *done == usize::MAX || self.stopping.load(std::sync::atomic::Ordering::SeqCst) {
+                return false;
+            }
+            if *done > index {
+                return true;
+            }
+            done = self
+                .changed
+                .wait_timeout(done, std::time::Duration::from_millis(100))
+                .map_or_else(|e| e.into_inner().0, |(g, _)| g);
+        }
+    }
+}
+
+/// Registers `deferred` slots in order on a background thread.
+pub fn register_in_background(
+    vm: std::sync::Arc<VmFd>,
+    deferred: Vec<SlotSpec>,
+    progress: std::sync::Arc<DeferredSlots>,
+) -> std::io::Result<std::thread::JoinHandle<Result<(), MemoryError>>> {
+    std::thread::Builder::new()
+        .name("kiln-memslots".into())
+        .spawn(move || {
+            for (i, s) in deferred.iter().enumerate() {
+                if let Err(e) = register_slot(&vm, *s) {
+                    progress.set_done(usize::MAX);
+                    return Err(e);
+                }
+                progress.set_done(i + 1);
+            }
+            Ok(())
+        })
+}
+
+/// RAM whose KVM slot is not registered yet, on the MMIO bus: an access waits for the slot
+/// and is then carried out on guest memory directly, so the guest sees plain RAM.
+pub struct PendingRam {
+    mem: GuestMemory,
+    /// Index of this range's slot in the deferred list.
+    index: usize,
+    progress: std::sync::Arc<DeferredSlots>,
+}
+
+impl PendingRam {
+    /// The pending range of deferred slot `index`.
+    pub fn new(mem: GuestMemory, index: usize, progress: std::sync::Arc<DeferredSlots>) -> Self {
+        Self {
+            mem,
+            index,
+            progress,
+        }
+    }
+}
+
+impl kiln_devices::BusDevice for PendingRam {
+    fn read(&mut self, base: u64, offset: u64, data: &mut [u8]) {
+        use vm_memory::Bytes;
+        if !self.progress.wait_for(self.index)
+            || self
+                .mem
+                .read_slice(data, GuestAddress(base + offset))
+                .is_err()
+        {
+            data.fill(0xff);
+        }
+    }
+
+    fn write(&mut self, base: u64, offset: u64, data: &[u8]) {
+        use vm_memory::Bytes;
+        if self.progress.wait_for(self.index) {
+            let _ = self.mem.write_slice(data, GuestAddress(base + offset));
+        }
+    }
+}

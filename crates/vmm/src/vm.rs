@@ -151,13 +151,15 @@ struct ConsoleInput {
 
 /// A running VM.
 pub struct Vm {
-    vm_fd: VmFd,
+    vm_fd: Arc<VmFd>,
     mem: GuestMemory,
     vcpus: Vec<VcpuHandle>,
     events: Receiver<VmEvent>,
     wake: Arc<EventFd>,
     serial: Arc<Mutex<SerialPort>>,
     input: Option<ConsoleInput>,
+    deferred: Arc<memory::DeferredSlots>,
+    slot_thread: Option<std::thread::JoinHandle<Result<(), MemoryError>>>,
     _kvm: Kvm,
 }
 
@@ -256,9 +258,13 @@ impl Vm {
         }
 
         let mem = memory::create_guest_memory(cfg.memory)?;
-        for slot in memory::slots(&mem) {
+        let (now, deferred): (Vec<_>, Vec<_>) = memory::slots(&mem)
+            .into_iter()
+            .partition(|s| s.gpa < memory::SYNC_SLOT_LIMIT);
+        for slot in now {
             memory::register_slot(&vm_fd, slot)?;
         }
+        let deferred_progress = Arc::new(memory::DeferredSlots::default());
 
         // Events, devices and buses.
         let (events, events_rx, wake) =
@@ -313,7 +319,12 @@ impl Vm {
             u64::from(acpi_ports::BLOCK_LEN),
         )?;
         let pio = Arc::new(pio);
-        let mmio = Arc::new(Bus::new());
+        let mut mmio = Bus::new();
+        for (index, s) in deferred.iter().enumerate() {
+            let pending = memory::PendingRam::new(mem.clone(), index, deferred_progress.clone());
+            mmio.insert(Arc::new(Mutex::new(pending)), s.gpa, s.size)?;
+        }
+        let mmio = Arc::new(mmio);
 
         // Kernel, initrd and what the kernel is told.
         let kernel = loader::load_kernel(&mem, &cfg.kernel, true)?;
@@ -395,6 +406,15 @@ impl Vm {
                     .map_err(os_err("cannot start a vCPU thread"))?,
             );
         }
+        let vm_fd = Arc::new(vm_fd);
+        let slot_thread = if deferred.is_empty() {
+            None
+        } else {
+            Some(
+                memory::register_in_background(vm_fd.clone(), deferred, deferred_progress.clone())
+                    .map_err(os_err("cannot start the memory slot thread"))?,
+            )
+        };
 
         let input = match cfg.serial {
             SerialConfig::Stdio => Some(ConsoleInput {
@@ -415,6 +435,8 @@ impl Vm {
             wake,
             serial,
             input,
+            deferred: deferred_progress,
+            slot_thread,
             _kvm: kvm,
         })
     }
@@ -433,6 +455,7 @@ impl Vm {
     /// stop signal arrives; then stops every vCPU.
     pub fn run(mut self) -> Result<VmOutcome, VmError> {
         let result = self.event_loop();
+        self.deferred.stop();
         for v in &self.vcpus {
             v.send(VcpuCommand::Exit);
         }
@@ -441,6 +464,14 @@ impl Vm {
         }
         if let Some(input) = self.input.as_mut() {
             input.raw.take();
+        }
+        // A slot registration that failed is an error even if the guest never noticed.
+        if let Some(t) = self.slot_thread.take() {
+            if t.is_finished() {
+                if let Ok(Err(e)) = t.join() {
+                    return Err(e.into());
+                }
+            }
         }
         result
     }
