@@ -409,3 +409,42 @@ pub fn check(acpi: &Acpi) -> bool {
     );
     true
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_s5_byte_prefix_package() {
+        // Name (_S5, Package (0x04) { 0x05, 0x05, Zero, Zero }) as iasl emits it.
+        let aml = [0x10, 0x08, 0x5f, 0x53, 0x35, 0x5f, 0x12, 0x0a, 0x04, 0x0a, 0x05, 0x0a, 0x05, 0x00, 0x00];
+        assert_eq!(find_s5(&aml), Some(5));
+    }
+
+    #[test]
+    fn finds_s5_zero_one_and_rooted_name() {
+        assert_eq!(find_s5(&[0x08, 0x5c, b'_', b'S', b'5', b'_', 0x12, 0x06, 0x02, 0x00, 0x00]), Some(0));
+        assert_eq!(find_s5(&[0x08, b'_', b'S', b'5', b'_', 0x12, 0x05, 0x01, 0x01]), Some(1));
+    }
+
+    #[test]
+    fn handles_multi_byte_pkg_length() {
+        let aml = [b'_', b'S', b'5', b'_', 0x12, 0x41, 0x00, 0x02, 0x0a, 0x07];
+        assert_eq!(find_s5(&aml), Some(7));
+    }
+
+    #[test]
+    fn rejects_s5_without_package_or_truncated() {
+        assert_eq!(find_s5(b"_S5_"), None);
+        assert_eq!(find_s5(&[b'_', b'S', b'5', b'_', 0x0a, 0x05]), None);
+        assert_eq!(find_s5(&[b'_', b'S', b'5', b'_', 0x12, 0x06, 0x02, 0x0a]), None);
+    }
+
+    #[test]
+    fn displays_power_off_methods() {
+        let p = PowerOff::Pm1a { space: Space::Io, addr: 0x604, slp_typ: 5 };
+        assert_eq!(format!("{p}"), "pm1a:0x604");
+        let s = PowerOff::SleepCtl { space: Space::Memory, addr: 0xfea0_0200, slp_typ: 5 };
+        assert_eq!(format!("{s}"), "sleepctl:0xfea00200");
+    }
+}

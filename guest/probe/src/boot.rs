@@ -48,3 +48,42 @@ pub fn check(bi: &BootInfo, image: (u64, u64)) -> bool {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bootinfo::E820Entry;
+
+    const IMAGE: (u64, u64) = (0x10_0000, 0x14_0000);
+
+    fn e(addr: u64, size: u64, kind: u32) -> E820Entry {
+        E820Entry { addr, size, kind }
+    }
+
+    #[test]
+    fn accepts_a_sorted_map_holding_the_image() {
+        let bi = BootInfo::for_test(&[e(0, 0x9fc00, 1), e(0x9fc00, 0x400, 2), e(0x10_0000, 0xff0_0000, 1)], Some(b""));
+        assert!(verify(&bi, IMAGE).is_ok());
+        assert_eq!(bi.ram_bytes(), 0x9fc00 + 0xff0_0000);
+    }
+
+    #[test]
+    fn rejects_unsorted_overlapping_empty_or_missing() {
+        let unsorted = BootInfo::for_test(&[e(0x10_0000, 0x100_0000, 1), e(0, 0x9fc00, 1)], Some(b""));
+        assert!(verify(&unsorted, IMAGE).unwrap_err().as_str().contains("not sorted"));
+        let overlap = BootInfo::for_test(&[e(0, 0x20_0000, 1), e(0x10_0000, 0x100_0000, 1)], Some(b""));
+        assert!(verify(&overlap, IMAGE).unwrap_err().as_str().contains("overlap"));
+        let empty_entry = BootInfo::for_test(&[e(0x10_0000, 0x100_0000, 1), e(0x200_0000, 0, 0)], Some(b""));
+        assert!(verify(&empty_entry, IMAGE).unwrap_err().as_str().contains("empty"));
+        let no_map = BootInfo::for_test(&[], Some(b""));
+        assert!(verify(&no_map, IMAGE).is_err());
+        let no_cmdline = BootInfo::for_test(&[e(0x10_0000, 0x100_0000, 1)], None);
+        assert!(verify(&no_cmdline, IMAGE).unwrap_err().as_str().contains("command line"));
+    }
+
+    #[test]
+    fn rejects_an_image_outside_ram() {
+        let bi = BootInfo::for_test(&[e(0, 0x9fc00, 1), e(0x10_0000, 0x1_0000, 1)], Some(b""));
+        assert!(verify(&bi, IMAGE).unwrap_err().as_str().contains("image"));
+    }
+}

@@ -65,6 +65,21 @@ impl BootInfo {
         self.e820().iter().filter(|e| e.kind == E820_RAM).map(|e| e.size).sum()
     }
 
+    /// Boot info with the given map and command line (host unit tests).
+    #[cfg(test)]
+    pub fn for_test(e820: &[E820Entry], cmdline: Option<&'static [u8]>) -> Self {
+        let mut bi = BootInfo {
+            cmdline,
+            e820: [E820Entry::default(); MAX_E820],
+            e820_len: 0,
+            e820_truncated: false,
+            rsdp: None,
+            error: None,
+        };
+        e820.iter().for_each(|&e| bi.push_e820(e));
+        bi
+    }
+
     fn push_e820(&mut self, e: E820Entry) {
         if self.e820_len == MAX_E820 {
             self.e820_truncated = true;

@@ -143,3 +143,41 @@ pub fn parse(cmdline: &[u8]) -> (Options, u32) {
     }
     (opts, fails)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_enable_every_check_with_full_memory_test() {
+        let (o, fails) = parse(b"console=ttyS0 quiet");
+        assert_eq!(fails, 0);
+        assert!(Check::ALL.iter().all(|&c| o.enabled(c)));
+        assert_eq!(o.mem, MemMode::Full);
+        assert_eq!(o.cpu_iters, crate::cpu::DEFAULT_ITERS);
+        assert_eq!(o.smp_timeout_ms, 10_000);
+    }
+
+    #[test]
+    fn selects_checks_and_values() {
+        let (o, fails) = parse(b"a probe.checks=smp,rtc probe.mem=sample probe.cpu_iters=42 probe.smp_timeout_ms=5 b");
+        assert_eq!(fails, 0);
+        assert!(o.enabled(Check::Smp) && o.enabled(Check::Rtc));
+        assert!(!o.enabled(Check::Boot) && !o.enabled(Check::Mem));
+        assert_eq!((o.mem, o.cpu_iters, o.smp_timeout_ms), (MemMode::Sample, 42, 5));
+    }
+
+    #[test]
+    fn counts_a_fail_for_each_bad_probe_word() {
+        let (o, fails) =
+            parse(b"probe.nope=1 probe.mem=half probe.cpu_iters=0 probe.checks=boot,disk probe.smp_timeout_ms probe.x");
+        assert_eq!(fails, 6);
+        assert_eq!(o.mem, MemMode::Full);
+    }
+
+    #[test]
+    fn ignores_words_that_only_look_similar() {
+        let (_, fails) = parse(b"probe probex=1 noprobe.mem=x");
+        assert_eq!(fails, 0);
+    }
+}

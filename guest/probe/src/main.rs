@@ -1,35 +1,15 @@
-//! kiln's probe guest: a tiny kernel that checks a VM from inside.
-//!
-//! Ring 0 is a few hundred instructions of assembly (asm/ring0.S): it prints
-//! `PROBE hello`, enters long mode and drops to ring 3, where this Rust code
-//! runs natively even on a nested KVM that emulates ring 0. See README.md for
-//! the boot flow, the command line and the output contract.
+//! The probe kernel's ring-3 main: runs the selected checks in order, prints
+//! the summary and powers off. The checks themselves live in the library
+//! (src/lib.rs); the ring-0 part is asm/ring0.S.
 
 #![no_std]
 #![no_main]
 
-mod acpi;
-mod boot;
-mod bootinfo;
-mod cmdline;
-mod cpu;
-mod cpuloop;
-mod intrinsics;
-mod io;
-mod mem;
-mod paging;
-mod ranges;
-mod ring0;
-mod rtc;
-mod serial;
-mod smp;
-mod tsc;
-mod util;
-
-use bootinfo::Entry;
-use cmdline::Check;
-use ranges::Reserved;
-use util::Printable;
+use probe::bootinfo::{self, Entry};
+use probe::cmdline::{self, Check};
+use probe::ranges::Reserved;
+use probe::util::Printable;
+use probe::{acpi, boot, cpu, emit, mem, paging, ring0, rtc, smp, tsc};
 
 /// Ring-3 entry, called from asm/ring0.S with the entry kind (0 PVH,
 /// 1 Linux 64-bit) and the boot-info pointer (hvm_start_info or boot_params).

@@ -160,3 +160,72 @@ pub fn check(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pieces(e820: &[E820Entry], reserved: &Reserved, mode: MemMode, top: u64) -> Vec<(u64, u64)> {
+        let mut v = Vec::new();
+        for_each_piece(e820, reserved, mode, top, |s, e| {
+            v.push((s, e));
+            Ok(())
+        })
+        .unwrap();
+        v
+    }
+
+    fn ram(addr: u64, size: u64) -> E820Entry {
+        E820Entry { addr, size, kind: E820_RAM }
+    }
+
+    #[test]
+    fn full_mode_covers_ram_minus_reserved_pages() {
+        let e820 = [ram(0, 0x9fc00), E820Entry { addr: 0x9fc00, size: 0x400, kind: 2 }, ram(0x10_0000, 0x10_0000)];
+        let mut r = Reserved::new();
+        r.add(0x10_0000, 0x2_0000);
+        r.add(0x15_0010, 0x10);
+        r.add(0x7000, 0x1000);
+        let p = pieces(&e820, &r, MemMode::Full, 1 << 32);
+        assert_eq!(p, vec![(0, 0x7000), (0x8000, 0x9f000), (0x12_0000, 0x15_0000), (0x15_1000, 0x20_0000)]);
+    }
+
+    #[test]
+    fn sample_mode_takes_ends_and_one_page_per_gib() {
+        let e820 = [ram(0x10_0000, 0xbff0_0000), ram(0x1_0000_0000, 0x1_4000_0000)];
+        let r = Reserved::new();
+        let p = pieces(&e820, &r, MemMode::Sample, 1 << 40);
+        let starts: Vec<u64> = p.iter().map(|&(s, _)| s).collect();
+        assert_eq!(
+            starts,
+            vec![
+                0x10_0000,
+                0x4000_0000,
+                0x8000_0000,
+                0xbfff_f000,
+                0x1_0000_0000,
+                0x1_4000_0000,
+                0x1_8000_0000,
+                0x1_c000_0000,
+                0x2_0000_0000,
+                0x2_3fff_f000
+            ]
+        );
+        assert!(p.iter().all(|&(s, e)| e - s == PAGE));
+    }
+
+    #[test]
+    fn sample_mode_skips_reserved_pages_and_respects_the_map_top() {
+        let e820 = [ram(0x10_0000, 0x10_0000), ram(0x1_0000_0000, 0x1_0000_0000)];
+        let mut r = Reserved::new();
+        r.add(0x10_0000, 0x1000);
+        let p = pieces(&e820, &r, MemMode::Sample, 1 << 32);
+        assert_eq!(p, vec![(0x1f_f000, 0x20_0000)]);
+    }
+
+    #[test]
+    fn pattern_differs_between_addresses() {
+        assert_ne!(pattern(0x1000), pattern(0x1008));
+        assert_ne!(pattern(0x1000), pattern(0x1000 + (1 << 35)));
+    }
+}

@@ -30,6 +30,12 @@ pub const fn align_up(x: u64, a: u64) -> u64 {
     x.saturating_add(a - 1) & !(a - 1)
 }
 
+impl Default for Reserved {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Reserved {
     pub const fn new() -> Self {
         Reserved { ranges: [Range { start: 0, end: 0 }; MAX_RANGES], len: 0, overflowed: false }
@@ -78,5 +84,34 @@ impl Reserved {
             }
         }
         None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ram(addr: u64, size: u64) -> E820Entry {
+        E820Entry { addr, size, kind: E820_RAM }
+    }
+
+    #[test]
+    fn alloc_skips_reserved_ranges_and_non_ram() {
+        let e820 = [ram(0, 0x9fc00), E820Entry { addr: 0x9fc00, size: 0x400, kind: 2 }, ram(0x10_0000, 0x100_0000)];
+        let mut r = Reserved::new();
+        r.add(0x10_0000, 0x3_0000); // image
+        r.add(0x13_1234, 10); // boot data, not page aligned
+        assert_eq!(r.alloc(&e820, 2 * PAGE, 1 << 20, 1 << 32), Some(0x13_2000));
+        assert_eq!(r.alloc(&e820, PAGE, 1 << 20, 1 << 32), Some(0x13_0000));
+        assert_eq!(r.alloc(&e820, PAGE, 0x1000, 0xa0000), Some(0x1000));
+        assert!(r.overlap(0x13_2000, 0x13_3000).is_some());
+    }
+
+    #[test]
+    fn alloc_fails_when_nothing_fits() {
+        let e820 = [ram(0x10_0000, 0x10_0000)];
+        let mut r = Reserved::new();
+        assert_eq!(r.alloc(&e820, 0x20_0000, 0, u64::MAX), None);
+        assert_eq!(r.alloc(&e820, PAGE, 0, 0x10_0000), None);
     }
 }

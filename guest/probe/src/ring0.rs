@@ -8,6 +8,7 @@
 use core::arch::asm;
 use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
+#[cfg(not(test))]
 core::arch::global_asm!(include_str!("asm/ring0.S"), options(att_syntax));
 
 const SVC_MAGIC: u64 = 0x6b69_6c6e;

@@ -9,6 +9,12 @@ pub struct StrBuf<const N: usize> {
     len: usize,
 }
 
+impl<const N: usize> Default for StrBuf<N> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl<const N: usize> StrBuf<N> {
     pub const fn new() -> Self {
         StrBuf { buf: [0; N], len: 0 }
@@ -30,6 +36,12 @@ impl<const N: usize> fmt::Write for StrBuf<N> {
         self.buf[self.len..self.len + n].copy_from_slice(&s.as_bytes()[..n]);
         self.len += n;
         Ok(())
+    }
+}
+
+impl<const N: usize> fmt::Debug for StrBuf<N> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self.as_str(), f)
     }
 }
 
@@ -112,4 +124,35 @@ impl fmt::Display for Printable<'_> {
 pub unsafe fn peek<T: Copy>(addr: u64) -> T {
     // SAFETY: the caller guarantees the bytes are mapped; unaligned reads are fine.
     unsafe { core::ptr::read_unaligned(addr as *const T) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn id_list_compacts_runs() {
+        assert_eq!(format!("{}", IdList(&[0, 1, 2, 3, 8, 10, 11])), "0-3,8,10-11");
+        assert_eq!(format!("{}", IdList(&[5])), "5");
+        assert_eq!(format!("{}", IdList(&[])), "");
+    }
+
+    #[test]
+    fn milli_prints_three_decimals() {
+        assert_eq!(format!("{}", Milli(5074)), "5.074");
+        assert_eq!(format!("{}", Milli(7)), "0.007");
+    }
+
+    #[test]
+    fn strbuf_truncates_without_splitting_utf8() {
+        use core::fmt::Write as _;
+        let mut b = StrBuf::<4>::new();
+        let _ = write!(b, "ab\u{e9}\u{e9}");
+        assert_eq!(b.as_str(), "ab\u{e9}");
+    }
+
+    #[test]
+    fn printable_masks_control_bytes() {
+        assert_eq!(format!("{}", Printable(b"a\nb\x80")), "a?b?");
+    }
 }

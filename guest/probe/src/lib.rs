@@ -1,0 +1,31 @@
+//! kiln's probe guest: a tiny kernel that checks a VM from inside.
+//!
+//! Ring 0 is a few hundred instructions of assembly (asm/ring0.S): it prints
+//! `PROBE hello`, enters long mode and drops to ring 3, where this Rust code
+//! runs natively even on a nested KVM that emulates ring 0. See README.md for
+//! the boot flow, the command line and the output contract.
+//!
+//! The checks live in this library; `main.rs` only sequences them. Built for
+//! the host target without std; `cargo test --lib` runs the pure-logic unit
+//! tests on the host (with std, without the assembly and the C intrinsics).
+
+#![cfg_attr(not(test), no_std)]
+
+pub mod acpi;
+pub mod boot;
+pub mod bootinfo;
+pub mod cmdline;
+pub mod cpu;
+pub mod cpuloop;
+#[cfg(not(test))]
+mod intrinsics;
+pub mod io;
+pub mod mem;
+pub mod paging;
+pub mod ranges;
+pub mod ring0;
+pub mod rtc;
+pub mod serial;
+pub mod smp;
+pub mod tsc;
+pub mod util;
