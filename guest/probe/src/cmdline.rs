@@ -4,7 +4,10 @@
 //! - `probe.mem=full|sample` (default full)
 //! - `probe.cpu_iters=N` (default [`crate::cpu::DEFAULT_ITERS`])
 //! - `probe.smp_timeout_ms=N` (default 10000)
+//! - `probe.fault=ud|pf|gp|de`: raise that CPU exception right after ACPI is
+//!   parsed (tests the fault report and the VMM's handling of a dying guest)
 
+use crate::fault::Fault;
 use crate::util::Reason;
 use crate::{emit, reason};
 
@@ -59,6 +62,7 @@ pub struct Options {
     pub mem: MemMode,
     pub cpu_iters: u64,
     pub smp_timeout_ms: u64,
+    pub fault: Option<Fault>,
 }
 
 impl Options {
@@ -74,6 +78,7 @@ impl Default for Options {
             mem: MemMode::Full,
             cpu_iters: crate::cpu::DEFAULT_ITERS,
             smp_timeout_ms: 10_000,
+            fault: None,
         }
     }
 }
@@ -120,6 +125,10 @@ fn apply(opts: &mut Options, key: &[u8], value: Option<&[u8]>) -> Result<(), Rea
             Some(n) => opts.smp_timeout_ms = n,
             None => return Err(reason!("bad value for probe.smp_timeout_ms: {}", show(v))),
         },
+        b"fault" => match Fault::parse(v) {
+            Some(f) => opts.fault = Some(f),
+            None => return Err(reason!("bad value for probe.fault: {}", show(v))),
+        },
         _ => return Err(reason!("unknown option probe.{}", show(key))),
     }
     Ok(())
@@ -165,13 +174,15 @@ mod tests {
         assert!(o.enabled(Check::Smp) && o.enabled(Check::Rtc));
         assert!(!o.enabled(Check::Boot) && !o.enabled(Check::Mem));
         assert_eq!((o.mem, o.cpu_iters, o.smp_timeout_ms), (MemMode::Sample, 42, 5));
+        assert_eq!(o.fault, None);
+        assert_eq!(parse(b"probe.fault=pf").0.fault, Some(Fault::Pf));
     }
 
     #[test]
     fn counts_a_fail_for_each_bad_probe_word() {
         let (o, fails) =
-            parse(b"probe.nope=1 probe.mem=half probe.cpu_iters=0 probe.checks=boot,disk probe.smp_timeout_ms probe.x");
-        assert_eq!(fails, 6);
+            parse(b"probe.nope=1 probe.mem=half probe.cpu_iters=0 probe.checks=boot,disk probe.smp_timeout_ms probe.x probe.fault=oops");
+        assert_eq!(fails, 7);
         assert_eq!(o.mem, MemMode::Full);
     }
 

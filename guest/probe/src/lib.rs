@@ -17,6 +17,7 @@ pub mod bootinfo;
 pub mod cmdline;
 pub mod cpu;
 pub mod cpuloop;
+pub mod fault;
 #[cfg(not(test))]
 mod intrinsics;
 pub mod io;

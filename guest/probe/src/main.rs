@@ -34,6 +34,9 @@ extern "C" fn probe_main(entry: u64, info: u64) -> ! {
     if let Some(p) = acpi.poweroff {
         p.install();
     }
+    if let Some(f) = opts.fault {
+        f.raise();
+    }
     let mapped = paging::map_all(boot.e820(), &mut reserved);
     let tsc = if opts.enabled(Check::Smp) || opts.enabled(Check::Mem) || opts.enabled(Check::Cpu) {
         tsc::calibrate()
