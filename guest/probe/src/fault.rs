@@ -32,8 +32,8 @@ impl Fault {
 
     /// Raises the exception. The handler never returns.
     pub fn raise(self) -> ! {
-        // SAFETY (all four): each instruction faults in ring 3 and the ring-0
-        // handler reports it and powers off or halts, so nothing runs after it.
+        // SAFETY: each instruction faults in ring 3 and the ring-0 handler
+        // reports it and powers off or halts, so nothing runs after it.
         unsafe {
             match self {
                 Fault::Ud => asm!("ud2", in("rax") 0u64, options(noreturn)),
