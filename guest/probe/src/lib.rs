@@ -11,6 +11,12 @@
 
 #![cfg_attr(not(test), no_std)]
 
+// Ring 0 never enables AVX state (XCR0 needs xsetbv, which the nested KVM's
+// emulator may lack), so code built for AVX would fault with #UD in ring 3.
+// Catch a stray `-C target-cpu=native` in RUSTFLAGS or a .cargo/config.
+#[cfg(all(not(test), target_feature = "avx"))]
+compile_error!("the probe must be built without AVX (no -C target-cpu=native): ring 0 does not enable AVX state");
+
 pub mod acpi;
 pub mod boot;
 pub mod bootinfo;
