@@ -286,6 +286,12 @@ impl Qcow2Image {
         self.lock().backing = dev;
     }
 
+    /// Makes every cluster unallocated (reads fall through to the backing file), like
+    /// qemu's make_empty after a commit.
+    pub fn make_empty(&self) -> Result<(), DiskError> {
+        Ok(self.lock().deallocate_all()?)
+    }
+
     /// Whether the image is encrypted.
     pub fn is_encrypted(&self) -> bool {
         self.lock().encrypted

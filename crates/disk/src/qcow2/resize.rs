@@ -95,6 +95,29 @@ impl State {
         self.flush()
     }
 
+    /// Drops every mapping of the active L1 table.
+    pub(crate) fn deallocate_all(&mut self) -> Result<(), Qcow2Error> {
+        if self.read_only {
+            return Err(Qcow2Error::ReadOnly("opened read-only"));
+        }
+        let per = self.l2_entries();
+        for l1i in 0..self.l1.len() as u64 {
+            if self.l2_offset(l1i) == 0 {
+                continue;
+            }
+            for gc in l1i * per..(l1i + 1) * per {
+                let (entry, bitmap) = self.l2_entry(gc)?;
+                if entry == 0 && bitmap == 0 {
+                    continue;
+                }
+                let l2 = self.l2_for_write(gc)?;
+                self.release_entry(entry);
+                self.set_l2_entry(l2, gc, 0, 0)?;
+            }
+        }
+        self.flush()
+    }
+
     fn shrink(&mut self, new_size: u64) -> Result<(), Qcow2Error> {
         let first_gc = new_size.div_ceil(self.cs);
         let per = self.l2_entries();

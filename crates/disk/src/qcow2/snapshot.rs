@@ -352,7 +352,8 @@ impl State {
             vm_clock_nsec: 0,
             vm_state_size: 0,
             disk_size: self.hdr.size,
-            icount: None,
+            // qemu-img records 0 (no record/replay) rather than "disabled".
+            icount: Some(0),
             extra_rest: Vec::new(),
         });
         self.commit_snapshot_table()?;
