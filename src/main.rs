@@ -120,7 +120,16 @@ impl log::Log for StderrLogger {
 
     fn log(&self, r: &log::Record) {
         if self.enabled(r.metadata()) {
-            eprintln!("kiln: {}: {}", r.level().as_str().to_lowercase(), r.args());
+            if log::max_level() >= log::LevelFilter::Debug {
+                let t = START.get().map_or(0.0, |s| s.elapsed().as_secs_f64() * 1e3);
+                eprintln!(
+                    "kiln: [{t:9.3} ms] {}: {}",
+                    r.level().as_str().to_lowercase(),
+                    r.args()
+                );
+            } else {
+                eprintln!("kiln: {}: {}", r.level().as_str().to_lowercase(), r.args());
+            }
         }
     }
 
@@ -128,6 +137,7 @@ impl log::Log for StderrLogger {
 }
 
 static LOGGER: StderrLogger = StderrLogger;
+static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
 
 fn init_logging(level: Option<log::LevelFilter>) {
     let level = level
@@ -191,6 +201,7 @@ fn usage_error(e: &dyn std::error::Error) -> ExitCode {
 }
 
 fn main() -> ExitCode {
+    START.get_or_init(std::time::Instant::now);
     let args: Vec<OsString> = std::env::args_os().collect();
     // `kiln img` takes qemu-img's syntax, which clap should not touch.
     if args.get(1).is_some_and(|a| a == "img") {

@@ -221,10 +221,22 @@ impl Vm {
 
         memory::check_tracking_fits(cfg.memory, memory::host_available_memory())?;
 
+        log::debug!("creating the VM");
         let vm_fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
         vm_fd
             .set_tss_address(usize::try_from(KVM_TSS_ADDR).unwrap_or_default())
             .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+        log::debug!("VM created");
+        let mem = memory::create_guest_memory(cfg.memory)?;
+        let (now, deferred): (Vec<_>, Vec<_>) = memory::slots(&mem)
+            .into_iter()
+            .partition(|s| s.gpa < memory::SYNC_SLOT_LIMIT);
+        for slot in now {
+            memory::register_slot(&vm_fd, slot)?;
+        }
+        let deferred_progress = Arc::new(memory::DeferredSlots::default());
+        // The irqchip after the memory: registering the first memory slot right after
+        // creating the irqchip waits out an SRCU grace period (milliseconds).
         vm_fd
             .create_irq_chip()
             .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
@@ -257,14 +269,7 @@ impl Vm {
                 .map_err(kvm_err("KVM_ENABLE_CAP(X2APIC_API)"))?;
         }
 
-        let mem = memory::create_guest_memory(cfg.memory)?;
-        let (now, deferred): (Vec<_>, Vec<_>) = memory::slots(&mem)
-            .into_iter()
-            .partition(|s| s.gpa < memory::SYNC_SLOT_LIMIT);
-        for slot in now {
-            memory::register_slot(&vm_fd, slot)?;
-        }
-        let deferred_progress = Arc::new(memory::DeferredSlots::default());
+        log::debug!("memory, irqchip and PIT ready");
 
         // Events, devices and buses.
         let (events, events_rx, wake) =
@@ -406,6 +411,7 @@ impl Vm {
                     .map_err(os_err("cannot start a vCPU thread"))?,
             );
         }
+        log::debug!("vCPUs started");
         let vm_fd = Arc::new(vm_fd);
         let slot_thread = if deferred.is_empty() {
             None
@@ -455,6 +461,7 @@ impl Vm {
     /// stop signal arrives; then stops every vCPU.
     pub fn run(mut self) -> Result<VmOutcome, VmError> {
         let result = self.event_loop();
+        log::debug!("stopping: {result:?}");
         self.deferred.stop();
         for v in &self.vcpus {
             v.send(VcpuCommand::Exit);
@@ -462,6 +469,7 @@ impl Vm {
         for v in self.vcpus.drain(..) {
             v.join();
         }
+        log::debug!("vCPUs joined");
         if let Some(input) = self.input.as_mut() {
             input.raw.take();
         }

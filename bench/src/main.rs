@@ -1,0 +1,43 @@
+//! kiln benchmarks. Each compares kiln against a baseline measured in the same run, and
+//! prints medians and ratios, because timings on shared machines are noisy.
+//!
+//! `kiln-bench boot`: time from process start to the probe guest's first serial line, and
+//! the VMM's peak RSS not counting guest RAM, for kiln and for QEMU's microvm booting the
+//! same probe; and the probe's CPU loop against the same loop run natively.
+
+mod boot;
+#[path = "../../guest/probe/src/cpuloop.rs"]
+mod cpuloop;
+mod proc;
+
+use std::process::ExitCode;
+
+fn usage() -> ExitCode {
+    eprintln!(
+        "usage: kiln-bench boot [--runs N] [--kiln PATH] [--qemu PATH] [--probe PATH]\n\n\
+         Runs kiln and qemu-system-x86_64 -M microvm alternately on the probe guest and\n\
+         prints medians: time to the first guest line, VMM RSS without guest RAM, and the\n\
+         guest CPU loop against the same loop run natively."
+    );
+    ExitCode::from(2)
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("boot") => match boot::Options::parse(&args[1..]) {
+            Ok(opts) => match boot::run(&opts) {
+                Ok(ok) => ExitCode::from(if ok { 0 } else { 1 }),
+                Err(e) => {
+                    eprintln!("kiln-bench: {e}");
+                    ExitCode::from(1)
+                }
+            },
+            Err(e) => {
+                eprintln!("kiln-bench: {e}");
+                usage()
+            }
+        },
+        _ => usage(),
+    }
+}
