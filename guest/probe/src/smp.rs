@@ -94,8 +94,9 @@ fn delay_us(tsc: Option<Tsc>, us: u64) {
     }
 }
 
-/// Starts the APs and waits for them. Returns (started ids incl. the BSP,
-/// sorted, and how many there are).
+/// Starts the APs and waits until as many CPUs as the MADT lists have
+/// checked in (BSP included) or the timeout passes. The APs' ids are left in
+/// `PROBE_AP_IDS`.
 fn start(
     madt: &Madt,
     e820: &[E820Entry],

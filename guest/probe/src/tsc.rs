@@ -15,7 +15,7 @@ pub struct Tsc {
 }
 
 impl Tsc {
-    /// TSC ticks in `ms` milliseconds.
+    /// TSC ticks per millisecond (the frequency in kHz).
     pub fn ticks_per_ms(&self) -> u64 {
         self.khz
     }
