@@ -146,6 +146,10 @@ pub fn check(
     let result = run(e820, reserved, mode, mapped_top);
     let ticks = rdtsc().wrapping_sub(t0);
     match result {
+        Ok(0) => {
+            emit!("PROBE mem fail no usable RAM to test (empty or missing e820 map)");
+            false
+        }
         Ok(bytes) => {
             let mbps = match tsc {
                 Some(t) if t.ns(ticks) > 0 => (u128::from(bytes) * 1000 / u128::from(t.ns(ticks))) as u64,
