@@ -47,8 +47,8 @@ fn qcow2_specific(q: &Qcow2Info) -> Vec<(&'static str, Json)> {
         "compat",
         Json::s(if q.version == 2 { "0.10" } else { "1.1" }),
     )];
+    v.push(("compression-type", Json::s(q.compression.name())));
     if q.version >= 3 {
-        v.push(("compression-type", Json::s(q.compression.name())));
         v.push(("lazy-refcounts", Json::Bool(q.lazy_refcounts)));
     }
     v.push(("refcount-bits", Json::u(u64::from(q.refcount_bits))));

@@ -11,9 +11,9 @@ impl State {
         if self.read_only {
             return Err(Qcow2Error::ReadOnly("opened read-only"));
         }
-        if !self.snapshots.is_empty() {
+        if !self.snapshots.is_empty() && new_size < self.hdr.size {
             return Err(Qcow2Error::Unsupported(
-                "Can't resize an image which has snapshots".into(),
+                "Internal snapshots prevent shrinking the image".into(),
             ));
         }
         if new_size % 512 != 0 {
