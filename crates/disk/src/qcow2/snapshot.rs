@@ -3,6 +3,7 @@
 //! A data cluster's refcount counts the L1 tables (active and snapshots) that reach it, an
 //! L2 table's counts the L1 tables that point at it; that is what `qemu-img check` expects.
 
+use super::header::INCOMPAT_DIRTY;
 use super::refcount::OFFSET_MASK;
 use super::state::{parse_u64s, serialize_u64s, State, COMPRESSED, COPIED, MAX_L1_BYTES};
 use super::Qcow2Error;
@@ -272,6 +273,29 @@ impl State {
         Ok(())
     }
 
+    /// Sets the dirty bit (v3) around a snapshot operation. Snapshot operations change
+    /// refcounts and COPIED flags that live in different clusters, so a crash in between
+    /// leaves flags that disagree with refcounts (qemu has the same window); with the dirty
+    /// bit set, the next read-write open by kiln or qemu repairs them.
+    fn begin_snapshot_op(&mut self) -> Result<(), Qcow2Error> {
+        if self.hdr.version >= 3 && self.hdr.incompatible & INCOMPAT_DIRTY == 0 {
+            self.hdr.incompatible |= INCOMPAT_DIRTY;
+            self.write_header()?;
+            self.sync()?;
+        }
+        Ok(())
+    }
+
+    fn end_snapshot_op(&mut self) -> Result<(), Qcow2Error> {
+        self.flush()?;
+        if self.hdr.incompatible & INCOMPAT_DIRTY != 0 && !self.marked_dirty {
+            self.hdr.incompatible &= !INCOMPAT_DIRTY;
+            self.write_header()?;
+            self.sync()?;
+        }
+        Ok(())
+    }
+
     /// Writes the snapshot table to fresh clusters and switches the header to it.
     fn commit_snapshot_table(&mut self) -> Result<(), Qcow2Error> {
         let bytes = serialize_table(&self.snapshots);
@@ -319,6 +343,7 @@ impl State {
             });
         }
         self.flush()?;
+        self.begin_snapshot_op()?;
         let id = self
             .snapshots
             .iter()
@@ -357,7 +382,7 @@ impl State {
             extra_rest: Vec::new(),
         });
         self.commit_snapshot_table()?;
-        self.flush()
+        self.end_snapshot_op()
     }
 
     /// Makes a snapshot the active state (the current state is dropped).
@@ -369,6 +394,7 @@ impl State {
             .find_snapshot(key)
             .ok_or_else(|| Qcow2Error::SnapshotNotFound(key.to_owned()))?;
         self.flush()?;
+        self.begin_snapshot_op()?;
         let snap = self.snapshots[i].clone();
         let mut new_l1 = self.read_l1_at(snap.l1_offset, snap.l1_size)?;
         for (k, e) in new_l1.iter().enumerate() {
@@ -410,7 +436,7 @@ impl State {
         self.adjust_tree(&old_l1, -1)?;
         self.write_back_metadata()?;
         self.fix_copied_flags()?;
-        self.flush()
+        self.end_snapshot_op()
     }
 
     /// Deletes a snapshot and releases what only it referenced.
@@ -422,6 +448,7 @@ impl State {
             .find_snapshot(key)
             .ok_or_else(|| Qcow2Error::SnapshotNotFound(key.to_owned()))?;
         self.flush()?;
+        self.begin_snapshot_op()?;
         let snap = self.snapshots.remove(i);
         let l1 = self.read_l1_at(snap.l1_offset, snap.l1_size)?;
         // Unlink first: dying after this only leaks.
@@ -432,7 +459,7 @@ impl State {
         }
         self.write_back_metadata()?;
         self.fix_copied_flags()?;
-        self.flush()
+        self.end_snapshot_op()
     }
 }
 
