@@ -240,13 +240,6 @@ impl Header {
         if h.refcount_order > 6 {
             return Err(Qcow2Error::RefcountOrder(h.refcount_order));
         }
-        if (h.incompatible & INCOMPAT_COMPRESSION != 0)
-            != (h.compression != CompressionType::Deflate)
-        {
-            return Err(Qcow2Error::Header(
-                "compression type bit does not match the compression_type field".into(),
-            ));
-        }
         let unknown = h.incompatible & !INCOMPAT_KNOWN;
         if unknown != 0 {
             return Err(Qcow2Error::UnknownFeatures(incompat_names(
@@ -254,6 +247,13 @@ impl Header {
                 first,
                 h.header_length,
             )));
+        }
+        if (h.incompatible & INCOMPAT_COMPRESSION != 0)
+            != (h.compression != CompressionType::Deflate)
+        {
+            return Err(Qcow2Error::Header(
+                "compression type bit does not match the compression_type field".into(),
+            ));
         }
         if h.extended_l2() && cluster_bits < 14 {
             return Err(Qcow2Error::Header(
