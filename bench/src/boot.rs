@@ -29,9 +29,9 @@ impl Options {
     pub fn parse(args: &[String]) -> Result<Options, String> {
         let mut o = Options {
             runs: 7,
-            kiln: PathBuf::from("target/release/kiln"),
+            kiln: PathBuf::from("target/x86_64-unknown-linux-gnu/release/kiln"),
             qemu: PathBuf::from("qemu-system-x86_64"),
-            probe: PathBuf::from("guest/probe/target/release/probe"),
+            probe: PathBuf::from("guest/probe/target/x86_64-unknown-linux-gnu/release/probe"),
         };
         let mut it = args.iter();
         while let Some(a) = it.next() {
