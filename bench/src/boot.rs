@@ -104,7 +104,7 @@ fn field<T: std::str::FromStr>(output: &[String], check: &str, key: &str) -> Opt
 }
 
 /// Native TSC ticks per iteration of the probe's loop (one run, like one guest run).
-fn native_tsc_per_iter(iters: u64) -> f64 {
+pub fn native_tsc_per_iter(iters: u64) -> f64 {
     // SAFETY: rdtsc has no preconditions on x86_64.
     let t0 = unsafe { core::arch::x86_64::_rdtsc() };
     std::hint::black_box(cpu_loop(std::hint::black_box(iters)));

@@ -14,10 +14,12 @@ use std::process::ExitCode;
 
 fn usage() -> ExitCode {
     eprintln!(
-        "usage: kiln-bench boot [--runs N] [--kiln PATH] [--qemu PATH] [--probe PATH]\n\n\
+        "usage: kiln-bench boot [--runs N] [--kiln PATH] [--qemu PATH] [--probe PATH]\n\
+         \x20      kiln-bench cpuloop ITERS\n\n\
          Runs kiln and qemu-system-x86_64 -M microvm alternately on the probe guest and\n\
          prints medians: time to the first guest line, VMM RSS without guest RAM, and the\n\
-         guest CPU loop against the same loop run natively."
+         guest CPU loop against the same loop run natively.\n\
+         cpuloop runs the probe's CPU loop natively and prints TSC ticks per iteration."
     );
     ExitCode::from(2)
 }
@@ -37,6 +39,13 @@ fn main() -> ExitCode {
                 eprintln!("kiln-bench: {e}");
                 usage()
             }
+        },
+        Some("cpuloop") => match args.get(1).and_then(|n| n.parse::<u64>().ok()) {
+            Some(iters) if iters > 0 => {
+                println!("{:.3}", boot::native_tsc_per_iter(iters));
+                ExitCode::SUCCESS
+            }
+            _ => usage(),
         },
         _ => usage(),
     }
