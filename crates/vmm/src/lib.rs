@@ -8,6 +8,7 @@ pub mod events;
 pub mod loader;
 pub mod memory;
 pub mod vcpu;
+pub mod vcpu_state;
 pub mod vm;
 
 pub use config::{PartialConfig, VmConfig};

@@ -14,9 +14,10 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::events::{VmEvent, VmEvents};
+use crate::vcpu_state::{self, VcpuState, VcpuStateError};
 
 /// Messages to a vCPU thread.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum VcpuCommand {
     /// Stop running guest code and wait.
     Pause,
@@ -24,11 +25,15 @@ pub enum VcpuCommand {
     Resume,
     /// Leave the thread.
     Exit,
+    /// Reply with the vCPU's state (only while paused).
+    SaveState(Sender<Result<VcpuState, VcpuStateError>>),
+    /// Load this state into the vCPU (only while paused).
+    RestoreState(Box<VcpuState>, Sender<Result<(), VcpuStateError>>),
 }
 
 /// Where a vCPU thread is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum VcpuState {
+pub enum RunState {
     /// In or around `KVM_RUN`.
     Running,
     /// Waiting for a command; its state may be read.
@@ -124,6 +129,7 @@ pub fn register_kick_handler() -> std::io::Result<()> {
 pub struct Vcpu {
     id: u32,
     fd: VcpuFd,
+    msr_indices: Arc<[u32]>,
     pio: Arc<Bus>,
     mmio: Arc<Bus>,
     events: VmEvents,
@@ -154,6 +160,20 @@ impl VcpuHandle {
         }
     }
 
+    /// The vCPU's state; the vCPU must be paused.
+    pub fn save_state(&self) -> Result<VcpuState, VcpuStateError> {
+        let (tx, rx) = channel();
+        self.send(VcpuCommand::SaveState(tx));
+        rx.recv().map_err(|_| VcpuStateError::Gone(self.id))?
+    }
+
+    /// Loads `state` into the vCPU; the vCPU must be paused.
+    pub fn restore_state(&self, state: VcpuState) -> Result<(), VcpuStateError> {
+        let (tx, rx) = channel();
+        self.send(VcpuCommand::RestoreState(Box::new(state), tx));
+        rx.recv().map_err(|_| VcpuStateError::Gone(self.id))?
+    }
+
     /// Waits for the thread to end and returns its vCPU fd.
     pub fn join(mut self) -> Option<VcpuFd> {
         self.thread.take().and_then(|t| t.join().ok())
@@ -162,10 +182,18 @@ impl VcpuHandle {
 
 impl Vcpu {
     /// A vCPU that will dispatch port I/O to `pio` and MMIO to `mmio`.
-    pub fn new(id: u32, fd: VcpuFd, pio: Arc<Bus>, mmio: Arc<Bus>, events: VmEvents) -> Self {
+    pub fn new(
+        id: u32,
+        fd: VcpuFd,
+        msr_indices: Arc<[u32]>,
+        pio: Arc<Bus>,
+        mmio: Arc<Bus>,
+        events: VmEvents,
+    ) -> Self {
         Self {
             id,
             fd,
+            msr_indices,
             pio,
             mmio,
             events,
@@ -190,50 +218,66 @@ impl Vcpu {
     fn run(mut self, rx: Receiver<VcpuCommand>, paused: bool) -> VcpuFd {
         KVM_RUN.with(|c| c.set(self.fd.get_kvm_run()));
         let mut state = if paused {
-            VcpuState::Paused
+            RunState::Paused
         } else {
-            VcpuState::Running
+            RunState::Running
         };
         if paused {
             self.events.send(VmEvent::VcpuPaused(self.id));
         }
-        while state != VcpuState::Exited {
+        while state != RunState::Exited {
             state = match state {
-                VcpuState::Running => {
-                    let mut next = VcpuState::Running;
+                RunState::Running => {
+                    let mut next = RunState::Running;
                     while let Ok(cmd) = rx.try_recv() {
                         next = self.transition(next, cmd);
                     }
-                    if next == VcpuState::Running {
+                    if next == RunState::Running {
                         self.run_once()
                     } else {
                         next
                     }
                 }
-                VcpuState::Paused => match rx.recv() {
-                    Ok(cmd) => self.transition(VcpuState::Paused, cmd),
-                    Err(_) => VcpuState::Exited,
+                RunState::Paused => match rx.recv() {
+                    Ok(cmd) => self.transition(RunState::Paused, cmd),
+                    Err(_) => RunState::Exited,
                 },
-                VcpuState::Exited => VcpuState::Exited,
+                RunState::Exited => RunState::Exited,
             };
         }
         KVM_RUN.with(|c| c.set(std::ptr::null_mut()));
         self.fd
     }
 
-    fn transition(&self, from: VcpuState, cmd: VcpuCommand) -> VcpuState {
+    fn transition(&self, from: RunState, cmd: VcpuCommand) -> RunState {
         match (from, cmd) {
-            (_, VcpuCommand::Exit) => VcpuState::Exited,
-            (VcpuState::Running, VcpuCommand::Pause) | (VcpuState::Paused, VcpuCommand::Pause) => {
+            (_, VcpuCommand::Exit) => RunState::Exited,
+            (RunState::Running, VcpuCommand::Pause) | (RunState::Paused, VcpuCommand::Pause) => {
                 self.events.send(VmEvent::VcpuPaused(self.id));
-                VcpuState::Paused
+                RunState::Paused
             }
-            (VcpuState::Paused, VcpuCommand::Resume) => {
+            (RunState::Paused, VcpuCommand::Resume) => {
                 self.events.send(VmEvent::VcpuResumed(self.id));
-                VcpuState::Running
+                RunState::Running
             }
             (s, VcpuCommand::Resume) => s,
-            (VcpuState::Exited, _) => VcpuState::Exited,
+            (RunState::Paused, VcpuCommand::SaveState(reply)) => {
+                let _ = reply.send(vcpu_state::save(&self.fd, self.id, &self.msr_indices));
+                RunState::Paused
+            }
+            (RunState::Paused, VcpuCommand::RestoreState(state, reply)) => {
+                let _ = reply.send(vcpu_state::restore(&self.fd, &state));
+                RunState::Paused
+            }
+            (s, VcpuCommand::SaveState(reply)) => {
+                let _ = reply.send(Err(VcpuStateError::NotPaused(self.id)));
+                s
+            }
+            (s, VcpuCommand::RestoreState(_, reply)) => {
+                let _ = reply.send(Err(VcpuStateError::NotPaused(self.id)));
+                s
+            }
+            (RunState::Exited, _) => RunState::Exited,
         }
     }
 
@@ -241,13 +285,13 @@ impl Vcpu {
         self.fd.get_regs().map_or(0, |r| r.rip)
     }
 
-    fn stop(&self, reason: VcpuStop) -> VcpuState {
+    fn stop(&self, reason: VcpuStop) -> RunState {
         self.events.send(VmEvent::VcpuStopped(reason));
-        VcpuState::Exited
+        RunState::Exited
     }
 
     /// One `KVM_RUN` and the handling of its exit.
-    fn run_once(&mut self) -> VcpuState {
+    fn run_once(&mut self) -> RunState {
         let id = self.id;
         let run_ptr = KVM_RUN.with(Cell::get);
         match self.fd.run() {
@@ -258,7 +302,7 @@ impl Vcpu {
                 for chunk in data.chunks(size) {
                     self.pio.write(u64::from(port), chunk);
                 }
-                VcpuState::Running
+                RunState::Running
             }
             Ok(VcpuExit::IoIn(port, data)) => {
                 // SAFETY: as above.
@@ -268,20 +312,20 @@ impl Vcpu {
                         chunk.fill(0xff);
                     }
                 }
-                VcpuState::Running
+                RunState::Running
             }
             Ok(VcpuExit::MmioRead(addr, data)) => {
                 if !self.mmio.read(addr, data) {
                     data.fill(0xff);
                 }
-                VcpuState::Running
+                RunState::Running
             }
             Ok(VcpuExit::MmioWrite(addr, data)) => {
                 self.mmio.write(addr, data);
-                VcpuState::Running
+                RunState::Running
             }
             Ok(VcpuExit::Hlt) | Ok(VcpuExit::IrqWindowOpen) | Ok(VcpuExit::Intr) => {
-                VcpuState::Running
+                RunState::Running
             }
             Ok(VcpuExit::Shutdown) => {
                 let rip = self.rip();
@@ -290,11 +334,11 @@ impl Vcpu {
             Ok(VcpuExit::SystemEvent(kind, _)) => match kind {
                 kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => {
                     self.events.send(VmEvent::Exit(ExitRequest::PowerOff));
-                    VcpuState::Running
+                    RunState::Running
                 }
                 kvm_bindings::KVM_SYSTEM_EVENT_RESET => {
                     self.events.send(VmEvent::Exit(ExitRequest::Reset));
-                    VcpuState::Running
+                    RunState::Running
                 }
                 _ => self.stop(VcpuStop::SystemEvent { id, kind }),
             },
@@ -320,7 +364,7 @@ impl Vcpu {
             }
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                 self.fd.set_kvm_immediate_exit(0);
-                VcpuState::Running
+                RunState::Running
             }
             Err(e) => self.stop(VcpuStop::RunFailed {
                 id,

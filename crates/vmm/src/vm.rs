@@ -32,6 +32,7 @@ use crate::events::{VmEvent, VmEvents};
 use crate::loader::{self, LoaderError};
 use crate::memory::{self, GuestMemory, MemoryError};
 use crate::vcpu::{self, Vcpu, VcpuCommand, VcpuHandle, VcpuStop};
+use crate::vcpu_state::{VcpuState, VcpuStateError};
 
 /// How a VM run ended without an error.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -124,6 +125,15 @@ pub enum VmError {
     /// A vCPU stopped on an error.
     #[error(transparent)]
     Vcpu(#[from] VcpuStop),
+    /// vCPU state could not be read or written.
+    #[error(transparent)]
+    VcpuState(#[from] VcpuStateError),
+    /// Saved state does not fit this VM.
+    #[error("saved state does not fit this VM: {0}")]
+    StateMismatch(String),
+    /// vCPUs did not acknowledge a pause or resume.
+    #[error("{0} vCPUs did not acknowledge within 10 s")]
+    VcpuTimeout(usize),
 }
 
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
@@ -159,6 +169,8 @@ pub struct Vm {
     serial: Arc<Mutex<SerialPort>>,
     input: Option<ConsoleInput>,
     deferred: Arc<memory::DeferredSlots>,
+    /// Events that arrived while waiting for pause or resume acknowledgements.
+    backlog: VecDeque<VmEvent>,
     slot_thread: Option<std::thread::JoinHandle<Result<(), MemoryError>>>,
     _kvm: Kvm,
 }
@@ -375,6 +387,11 @@ impl Vm {
         unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &stop_sigset(), std::ptr::null_mut()) };
         let msrs = Msrs::from_entries(&regs::boot_msrs())
             .map_err(|_| VmError::MissingCapability("room for boot MSRs"))?;
+        let msr_indices: Arc<[u32]> = kvm
+            .get_msr_index_list()
+            .map_err(kvm_err("KVM_GET_MSR_INDEX_LIST"))?
+            .as_slice()
+            .into();
         let mut vcpus = Vec::with_capacity(usize::try_from(cfg.cpus).unwrap_or_default());
         for id in 0..cfg.cpus {
             let fd = vm_fd
@@ -402,7 +419,14 @@ impl Vm {
                 fd.set_regs(&regs::boot_regs(entry))
                     .map_err(kvm_err("KVM_SET_REGS"))?;
             }
-            vcpus.push(Vcpu::new(id, fd, pio.clone(), mmio.clone(), events.clone()));
+            vcpus.push(Vcpu::new(
+                id,
+                fd,
+                msr_indices.clone(),
+                pio.clone(),
+                mmio.clone(),
+                events.clone(),
+            ));
         }
         let mut handles = Vec::with_capacity(vcpus.len());
         for v in vcpus {
@@ -442,6 +466,7 @@ impl Vm {
             serial,
             input,
             deferred: deferred_progress,
+            backlog: VecDeque::new(),
             slot_thread,
             _kvm: kvm,
         })
@@ -455,6 +480,62 @@ impl Vm {
     /// The KVM VM.
     pub fn vm_fd(&self) -> &VmFd {
         &self.vm_fd
+    }
+
+    /// Stops every vCPU and waits until all have acknowledged.
+    pub fn pause(&mut self) -> Result<(), VmError> {
+        for v in &self.vcpus {
+            v.send(VcpuCommand::Pause);
+        }
+        self.wait_for_all(|e| matches!(e, VmEvent::VcpuPaused(_)))
+    }
+
+    /// Lets every vCPU run again.
+    pub fn resume(&mut self) -> Result<(), VmError> {
+        for v in &self.vcpus {
+            v.send(VcpuCommand::Resume);
+        }
+        self.wait_for_all(|e| matches!(e, VmEvent::VcpuResumed(_)))
+    }
+
+    /// The state of every vCPU; the VM must be paused.
+    pub fn save_vcpu_states(&self) -> Result<Vec<VcpuState>, VmError> {
+        self.vcpus
+            .iter()
+            .map(|v| v.save_state().map_err(VmError::from))
+            .collect()
+    }
+
+    /// Loads vCPU states (one per vCPU, in order); the VM must be paused.
+    pub fn restore_vcpu_states(&self, states: Vec<VcpuState>) -> Result<(), VmError> {
+        if states.len() != self.vcpus.len() {
+            return Err(VmError::StateMismatch(format!(
+                "{} vCPU states for {} vCPUs",
+                states.len(),
+                self.vcpus.len()
+            )));
+        }
+        for (v, s) in self.vcpus.iter().zip(states) {
+            v.restore_state(s)?;
+        }
+        Ok(())
+    }
+
+    /// Waits until every vCPU sent an event matching `ack`; other events are kept for the
+    /// event loop. A vCPU that stopped on an error ends the wait with that error.
+    fn wait_for_all(&mut self, ack: impl Fn(&VmEvent) -> bool) -> Result<(), VmError> {
+        let mut remaining = self.vcpus.len();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while remaining > 0 {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.events.recv_timeout(left) {
+                Ok(e) if ack(&e) => remaining -= 1,
+                Ok(VmEvent::VcpuStopped(stop)) => return Err(stop.into()),
+                Ok(other) => self.backlog.push_back(other),
+                Err(_) => return Err(VmError::VcpuTimeout(remaining)),
+            }
+        }
+        Ok(())
     }
 
     /// Serves events until the guest powers off or resets, a vCPU fails, the user quits or a
@@ -520,7 +601,11 @@ impl Vm {
                 match ev.data() {
                     TOKEN_EVENTS => {
                         let _ = self.wake.read();
-                        while let Ok(e) = self.events.try_recv() {
+                        while let Some(e) = self
+                            .backlog
+                            .pop_front()
+                            .or_else(|| self.events.try_recv().ok())
+                        {
                             match e {
                                 VmEvent::Exit(ExitRequest::PowerOff) => {
                                     return Ok(VmOutcome::PowerOff)
