@@ -240,3 +240,67 @@ fn serial_can_go_to_a_file() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn acpi_reset_ends_kiln_with_the_reboot_status() {
+    let r = ProbeRun::boot(
+        &["--cmdline", "probe.checks=boot probe.end=reset"],
+        Duration::from_secs(60),
+    );
+    assert!(
+        r.lines.iter().any(|l| l == "reset acpi:0x608"),
+        "{:?}",
+        r.lines
+    );
+    assert_eq!(
+        r.code,
+        Some(3),
+        "a guest reboot ends kiln with status 3; stderr: {}",
+        r.stderr
+    );
+    assert!(
+        !r.lines.iter().any(|l| l == "poweroff"),
+        "the guest must not run on after the reset"
+    );
+}
+
+#[test]
+fn i8042_reset_ends_kiln_with_the_reboot_status() {
+    let r = ProbeRun::boot(
+        &["--cmdline", "probe.checks=boot probe.end=i8042"],
+        Duration::from_secs(60),
+    );
+    assert!(r.lines.iter().any(|l| l == "reset i8042"), "{:?}", r.lines);
+    assert_eq!(r.code, Some(3), "stderr: {}", r.stderr);
+}
+
+#[test]
+fn triple_fault_is_a_clear_error() {
+    let r = ProbeRun::boot(
+        &["--cmdline", "probe.checks=boot probe.end=triplefault"],
+        Duration::from_secs(60),
+    );
+    assert!(r.lines.iter().any(|l| l == "triplefault"), "{:?}", r.lines);
+    assert_eq!(r.code, Some(1));
+    assert!(
+        r.stderr.contains("triple-faulted (KVM_EXIT_SHUTDOWN)"),
+        "{}",
+        r.stderr
+    );
+    assert!(!r.stderr.contains("panicked"), "{}", r.stderr);
+}
+
+#[test]
+fn guest_exception_is_the_guests_problem() {
+    let r = ProbeRun::boot(
+        &["--cmdline", "probe.checks=boot probe.fault=pf"],
+        Duration::from_secs(60),
+    );
+    assert!(
+        r.lines.iter().any(|l| l.starts_with("fault vector=14 ")),
+        "{:?}",
+        r.lines
+    );
+    // The probe's fault handler powers off: kiln ends normally.
+    assert_eq!(r.code, Some(0), "stderr: {}", r.stderr);
+}

@@ -1,6 +1,7 @@
 //! Events from vCPUs and devices to the VMM thread: a channel plus an eventfd that wakes
 //! the VMM thread's epoll.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::Arc;
 
@@ -27,6 +28,7 @@ pub enum VmEvent {
 pub struct VmEvents {
     tx: Sender<VmEvent>,
     wake: Arc<EventFd>,
+    stopping: Arc<AtomicBool>,
 }
 
 impl VmEvents {
@@ -38,14 +40,24 @@ impl VmEvents {
             VmEvents {
                 tx,
                 wake: wake.clone(),
+                stopping: Arc::new(AtomicBool::new(false)),
             },
             rx,
             wake,
         ))
     }
 
+    /// Whether the VM is ending (power-off, reset or a vCPU error was reported): vCPUs then
+    /// stop running guest code at once rather than let the guest go on.
+    pub fn stopping(&self) -> bool {
+        self.stopping.load(Ordering::Acquire)
+    }
+
     /// Sends `ev` and wakes the VMM thread.
     pub fn send(&self, ev: VmEvent) {
+        if matches!(ev, VmEvent::Exit(_) | VmEvent::VcpuStopped(_)) {
+            self.stopping.store(true, Ordering::Release);
+        }
         if self.tx.send(ev).is_ok() {
             let _ = self.wake.write(1);
         }

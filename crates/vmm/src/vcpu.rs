@@ -232,10 +232,16 @@ impl Vcpu {
                     while let Ok(cmd) = rx.try_recv() {
                         next = self.transition(next, cmd);
                     }
-                    if next == RunState::Running {
-                        self.run_once()
-                    } else {
+                    if next != RunState::Running {
                         next
+                    } else if self.events.stopping() {
+                        // The VM is ending: no more guest code; wait for the exit command.
+                        match rx.recv() {
+                            Ok(cmd) => self.transition(RunState::Paused, cmd),
+                            Err(_) => RunState::Exited,
+                        }
+                    } else {
+                        self.run_once()
                     }
                 }
                 RunState::Paused => match rx.recv() {

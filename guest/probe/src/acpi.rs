@@ -19,6 +19,7 @@ const MAX_TABLE_LEN: u32 = 16 << 20;
 pub const MAX_CPUS: usize = 4096;
 
 const FADT_HW_REDUCED_ACPI: u32 = 1 << 20;
+const FADT_RESET_REG_SUP: u32 = 1 << 10;
 const SLP_EN_PM1: u32 = 1 << 13;
 const SLP_EN_SLEEP_CTL: u32 = 0x20;
 
@@ -83,6 +84,8 @@ pub struct Acpi {
     nsigs: usize,
     pub madt: Option<Madt>,
     pub poweroff: Option<PowerOff>,
+    /// FADT reset register and value, when RESET_REG_SUP is set.
+    pub reset: Option<(Space, u64, u8)>,
     /// The first problem found; the check fails if set.
     pub error: Option<Reason>,
 }
@@ -169,7 +172,8 @@ fn table(addr: u64) -> Result<([u8; 4], u32), Reason> {
 /// Parses everything, reserving what it reads. Never fails outright: problems
 /// land in `Acpi::error` and whatever was understood is kept.
 pub fn parse(hint: Option<u64>, reserved: &mut Reserved) -> Acpi {
-    let mut acpi = Acpi { rsdp: 0, sigs: [[0; 4]; MAX_TABLES], nsigs: 0, madt: None, poweroff: None, error: None };
+    let mut acpi =
+        Acpi { rsdp: 0, sigs: [[0; 4]; MAX_TABLES], nsigs: 0, madt: None, poweroff: None, reset: None, error: None };
     let rsdp = match hint {
         Some(a) if valid_rsdp(a) => a,
         Some(a) => {
@@ -346,6 +350,12 @@ fn parse_fadt(addr: u64, len: u32, ssdts: &[u64], reserved: &mut Reserved, acpi:
         acpi.fail(reason!("no usable \\_S5_ package in the DSDT/SSDTs"));
         return;
     };
+    if flags & FADT_RESET_REG_SUP != 0 && len >= 129 {
+        let (reg_space, reg_addr) = gas(addr + 116);
+        // SAFETY: inside the FADT (len >= 129).
+        let value = unsafe { peek::<u8>(addr + 128) };
+        acpi.reset = space(reg_space).map(|s| (s, reg_addr, value));
+    }
     let sleep_ctl = if flags & FADT_HW_REDUCED_ACPI != 0 && len >= 256 { gas(addr + 244) } else { (0, 0) };
     let xpm1a = if len >= 184 { gas(addr + 172) } else { (0, 0) };
     let method = if sleep_ctl.1 != 0 {

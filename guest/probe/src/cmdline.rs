@@ -6,6 +6,9 @@
 //! - `probe.smp_timeout_ms=N` (default 10000)
 //! - `probe.fault=ud|pf|gp|de`: raise that CPU exception right after ACPI is
 //!   parsed (tests the fault report and the VMM's handling of a dying guest)
+//! - `probe.end=poweroff|reset|i8042|triplefault`: how the probe ends after
+//!   the summary (default poweroff): the FADT reset register, the i8042 reset
+//!   line, or a triple fault (tests how a VMM reports each)
 
 use crate::fault::Fault;
 use crate::util::Reason;
@@ -63,6 +66,20 @@ pub struct Options {
     pub cpu_iters: u64,
     pub smp_timeout_ms: u64,
     pub fault: Option<Fault>,
+    pub end: End,
+}
+
+/// How the probe ends once the checks are done.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum End {
+    /// ACPI power-off.
+    PowerOff,
+    /// The FADT reset register (ACPI reset).
+    Reset,
+    /// The i8042 "pulse reset line" command.
+    I8042,
+    /// A triple fault (an exception with an empty IDT).
+    TripleFault,
 }
 
 impl Options {
@@ -79,6 +96,7 @@ impl Default for Options {
             cpu_iters: crate::cpu::DEFAULT_ITERS,
             smp_timeout_ms: 10_000,
             fault: None,
+            end: End::PowerOff,
         }
     }
 }
@@ -129,6 +147,15 @@ fn apply(opts: &mut Options, key: &[u8], value: Option<&[u8]>) -> Result<(), Rea
             Some(f) => opts.fault = Some(f),
             None => return Err(reason!("bad value for probe.fault: {}", show(v))),
         },
+        b"end" => {
+            opts.end = match v {
+                b"poweroff" => End::PowerOff,
+                b"reset" => End::Reset,
+                b"i8042" => End::I8042,
+                b"triplefault" => End::TripleFault,
+                _ => return Err(reason!("bad value for probe.end: {}", show(v))),
+            }
+        }
         _ => return Err(reason!("unknown option probe.{}", show(key))),
     }
     Ok(())
@@ -176,6 +203,10 @@ mod tests {
         assert_eq!((o.mem, o.cpu_iters, o.smp_timeout_ms), (MemMode::Sample, 42, 5));
         assert_eq!(o.fault, None);
         assert_eq!(parse(b"probe.fault=pf").0.fault, Some(Fault::Pf));
+        assert_eq!(o.end, End::PowerOff);
+        assert_eq!(parse(b"probe.end=triplefault").0.end, End::TripleFault);
+        assert_eq!(parse(b"probe.end=reset").0.end, End::Reset);
+        assert_eq!(parse(b"probe.end=never").1, 1);
     }
 
     #[test]

@@ -6,7 +6,7 @@
 #![no_main]
 
 use probe::bootinfo::{self, Entry};
-use probe::cmdline::{self, Check};
+use probe::cmdline::{self, Check, End};
 use probe::ranges::Reserved;
 use probe::util::Printable;
 use probe::{acpi, boot, cpu, emit, mem, paging, ring0, rtc, smp, tsc};
@@ -62,6 +62,27 @@ extern "C" fn probe_main(entry: u64, info: u64) -> ! {
         }
     }
     emit!("PROBE summary ok={} fail={}", ok, fail);
+    match opts.end {
+        End::PowerOff => {}
+        End::Reset => match acpi.reset {
+            Some((acpi::Space::Io, port, value)) if port <= 0xffff => {
+                emit!("PROBE reset acpi:{:#x}", port);
+                // SAFETY: the FADT names this port as the reset register.
+                unsafe { probe::io::outb(port as u16, value) };
+            }
+            _ => emit!("PROBE reset fail no I/O-port ACPI reset register"),
+        },
+        End::I8042 => {
+            emit!("PROBE reset i8042");
+            // SAFETY: 0xfe to the i8042 command port pulses the CPU reset line.
+            unsafe { probe::io::outb(0x64, 0xfe) };
+        }
+        End::TripleFault => {
+            emit!("PROBE triplefault");
+            ring0::triple_fault()
+        }
+    }
+    // If a reset did not happen, power off so the VMM does not wait forever.
     emit!("PROBE poweroff");
     ring0::poweroff()
 }

@@ -16,6 +16,7 @@ const SVC_POWEROFF: u64 = 0;
 const SVC_RDMSR: u64 = 1;
 const SVC_WRMSR: u64 = 2;
 const SVC_CPUID: u64 = 3;
+const SVC_TRIPLE_FAULT: u64 = 4;
 
 extern "C" {
     /// First byte of the image (link.ld).
@@ -96,6 +97,14 @@ pub fn poweroff() -> ! {
     // SAFETY: the service never returns; ring 0 powers off or halts.
     unsafe {
         asm!("ud2", in("rax") SVC_MAGIC, in("rdi") SVC_POWEROFF, options(noreturn));
+    }
+}
+
+/// Makes the CPU triple-fault (the VMM sees a shutdown).
+pub fn triple_fault() -> ! {
+    // SAFETY: the service never returns: ring 0 loads an empty IDT and faults.
+    unsafe {
+        asm!("ud2", in("rax") SVC_MAGIC, in("rdi") SVC_TRIPLE_FAULT, options(noreturn));
     }
 }
 

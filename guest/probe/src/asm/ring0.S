@@ -153,7 +153,7 @@ irq_handler:
  * ud2 service gate.  Ring 3 cannot use `int $n` here, so it executes ud2 with
  * %rax = SVC_MAGIC, %rdi = service, %rsi/%rdx = arguments; the result is in
  * %rax.  Services: 0 power off (then halt), 1 rdmsr(%esi), 2 wrmsr(%esi, %rdx),
- * 3 cpuid(%esi, %edx) -> eax, ebx in %esi, ecx, edx.  CPUID must run here:
+ * 3 cpuid(%esi, %edx) -> eax, ebx in %esi, ecx, edx, 4 triple fault.  CPUID must run here:
  * executed in ring 3 on the nested KVM it is not intercepted and returns the
  * host's values (its APIC id, its leaves), not the VM's.
  */
@@ -162,6 +162,8 @@ ud_handler:
     jne 9f
     test %edi, %edi
     jz r0_poweroff
+    cmp $4, %edi
+    je r0_triple_fault
     cmp $3, %edi
     jne 1f
     mov %esi, %eax
@@ -291,6 +293,14 @@ msg_rip:   .asciz " rip=0x"
 msg_err:   .asciz " err=0x"
 msg_cr2:   .asciz " cr2=0x"
 fault_active: .byte 0
+
+/* Service 4: load an empty IDT and fault; with no handler the CPU shuts down. */
+r0_triple_fault:
+    lidt empty_idtr(%rip)
+    ud2
+    .p2align 3
+empty_idtr: .word 0
+    .quad 0
 
 /*
  * AP start-up.  Ring 3 copies [ap_tramp_start, ap_tramp_end) to a free page
