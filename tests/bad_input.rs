@@ -160,3 +160,20 @@ fn pvh_entry_for_a_kernel_without_the_note() {
     assert_eq!(code, Some(1));
     assert!(err.contains("no PVH entry point"), "{err}");
 }
+
+#[test]
+fn missing_kvm_device_is_one_clear_line() {
+    let out = std::process::Command::new(common::kiln())
+        .args(["run", "--kernel", &probe()])
+        .env("KILN_KVM_DEVICE", "/nonexistent/kvm")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("cannot open /nonexistent/kvm") && stderr.contains("kiln needs KVM"),
+        "{stderr}"
+    );
+}

@@ -304,3 +304,82 @@ fn guest_exception_is_the_guests_problem() {
     // The probe's fault handler powers off: kiln ends normally.
     assert_eq!(r.code, Some(0), "stderr: {}", r.stderr);
 }
+
+fn fnv1a(data: &[u8]) -> u64 {
+    data.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    })
+}
+
+#[test]
+fn initrd_arrives_byte_for_byte_through_both_entries() {
+    let path = std::env::temp_dir().join(format!("kiln-test-initrd-{}", std::process::id()));
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let data: Vec<u8> = (0..3_000_001)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state.to_le_bytes()[0]
+        })
+        .collect();
+    std::fs::write(&path, &data).unwrap();
+    let want = format!("size={} fnv1a={:#018x}", data.len(), fnv1a(&data));
+    for entry in ["pvh", "linux64"] {
+        let r = ProbeRun::boot(
+            &[
+                "--initrd",
+                path.to_str().unwrap(),
+                "--entry",
+                entry,
+                "--cmdline",
+                "probe.checks=boot",
+            ],
+            Duration::from_secs(60),
+        );
+        r.assert_clean();
+        let line = r
+            .lines
+            .iter()
+            .find(|l| l.starts_with("info initrd "))
+            .unwrap_or_else(|| panic!("no initrd line: {:?}", r.lines));
+        assert!(line.ends_with(&want), "{entry}: {line} (want {want})");
+        let addr = u64::from_str_radix(
+            line.split_whitespace()
+                .nth(2)
+                .unwrap()
+                .trim_start_matches("addr=0x"),
+            16,
+        )
+        .unwrap();
+        assert_eq!(addr % 4096, 0, "the initrd is page aligned");
+        assert!(
+            addr + data.len() as u64 <= 256 * MIB,
+            "the initrd is inside RAM"
+        );
+    }
+    std::fs::remove_file(&path).unwrap();
+}
+
+#[test]
+fn initrd_larger_than_ram_is_a_clear_error() {
+    let path = std::env::temp_dir().join(format!("kiln-test-big-initrd-{}", std::process::id()));
+    let f = std::fs::File::create(&path).unwrap();
+    f.set_len(100 * MIB).unwrap();
+    let r = ProbeRun::boot(
+        &["--initrd", path.to_str().unwrap(), "--memory", "64M"],
+        Duration::from_secs(60),
+    );
+    std::fs::remove_file(&path).unwrap();
+    assert_eq!(r.code, Some(1));
+    assert!(
+        r.stderr.contains("does not fit in guest RAM"),
+        "{}",
+        r.stderr
+    );
+    assert!(
+        r.lines.is_empty(),
+        "the guest must not start: {:?}",
+        r.lines
+    );
+}

@@ -50,9 +50,15 @@ pub enum VmOutcome {
 /// Errors building or running a VM.
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
-    /// `/dev/kvm` cannot be used.
-    #[error("cannot open /dev/kvm ({0}): kiln needs KVM: load the kvm module and make /dev/kvm accessible to this user")]
-    KvmUnavailable(#[source] kvm_ioctls::Error),
+    /// The KVM device cannot be used.
+    #[error("cannot open {path} ({source}): kiln needs KVM: load the kvm module and make {path} readable and writable by this user")]
+    KvmUnavailable {
+        /// The device path (`/dev/kvm`, or `KILN_KVM_DEVICE`).
+        path: String,
+        /// Why.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
     /// KVM lacks something kiln needs.
     #[error("KVM on this host lacks {0}")]
     MissingCapability(&'static str),
@@ -193,7 +199,7 @@ fn stop_sigset() -> libc::sigset_t {
 impl Vm {
     /// Builds the VM described by `cfg` and starts its vCPUs.
     pub fn build(cfg: &VmConfig) -> Result<Vm, VmError> {
-        let kvm = Kvm::new().map_err(VmError::KvmUnavailable)?;
+        let kvm = open_kvm()?;
         for (cap, name) in [
             (Cap::Irqchip, "an in-kernel irqchip (KVM_CAP_IRQCHIP)"),
             (Cap::UserMemory, "user memory slots (KVM_CAP_USER_MEMORY)"),
@@ -703,6 +709,18 @@ impl Vm {
             }
         }
     }
+}
+
+/// Opens `/dev/kvm`, or the device `KILN_KVM_DEVICE` names.
+fn open_kvm() -> Result<Kvm, VmError> {
+    let path = std::env::var("KILN_KVM_DEVICE").unwrap_or_else(|_| "/dev/kvm".to_string());
+    let unavailable = |source| VmError::KvmUnavailable {
+        path: path.clone(),
+        source,
+    };
+    let c_path = std::ffi::CString::new(path.clone())
+        .map_err(|_| unavailable(kvm_ioctls::Error::new(libc::EINVAL)))?;
+    Kvm::new_with_path(&c_path).map_err(unavailable)
 }
 
 /// RAM below and above 4 GiB.

@@ -53,6 +53,8 @@ pub struct BootInfo {
     pub rsdp: Option<u64>,
     /// A problem that made the boot information unusable.
     pub error: Option<&'static str>,
+    /// The initial ramdisk (first PVH module, or the zero page's ramdisk): address, size.
+    pub initrd: Option<(u64, u64)>,
 }
 
 impl BootInfo {
@@ -75,6 +77,7 @@ impl BootInfo {
             e820_truncated: false,
             rsdp: None,
             error: None,
+            initrd: None,
         };
         e820.iter().for_each(|&e| bi.push_e820(e));
         bi
@@ -92,6 +95,17 @@ impl BootInfo {
 
 fn mapped(addr: u64, len: u64) -> bool {
     addr != 0 && addr.checked_add(len).is_some_and(|end| end <= MAPPED)
+}
+
+/// FNV-1a 64 of `size` bytes at `addr`, if they lie in the identity-mapped first 4 GiB:
+/// lets a test check that the VMM loaded the initrd byte for byte.
+pub fn fnv1a(addr: u64, size: u64) -> Option<u64> {
+    if !mapped(addr, size) {
+        return None;
+    }
+    // SAFETY: [addr, addr + size) lies in the identity-mapped first 4 GiB (checked above).
+    let bytes = unsafe { core::slice::from_raw_parts(addr as *const u8, size as usize) };
+    Some(bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)))
 }
 
 /// Reads a NUL-terminated string (at most MAX_CMDLINE bytes).
@@ -115,6 +129,7 @@ pub fn parse(entry: Entry, info: u64, reserved: &mut Reserved) -> BootInfo {
         e820_truncated: false,
         rsdp: None,
         error: None,
+        initrd: None,
     };
     match entry {
         Entry::Pvh => parse_pvh(&mut bi, info, reserved),
@@ -161,6 +176,9 @@ fn parse_pvh(bi: &mut BootInfo, info: u64, reserved: &mut Reserved) {
                 (peek::<u64>(e), peek::<u64>(e + 8), peek::<u64>(e + 16))
             };
             reserved.add(paddr, size);
+            if i == 0 && size != 0 {
+                bi.initrd = Some((paddr, size));
+            }
             if let Some(c) = c_string(mcmd) {
                 reserved.add(mcmd, c.len() as u64 + 1);
             }
@@ -205,6 +223,9 @@ fn parse_boot_params(bi: &mut BootInfo, bp: u64, reserved: &mut Reserved) {
     let ramdisk_size = (u64::from(rs_hi) << 32) | u64::from(rs_lo);
     if ramdisk != 0 {
         reserved.add(ramdisk, ramdisk_size);
+        if ramdisk_size != 0 {
+            bi.initrd = Some((ramdisk, ramdisk_size));
+        }
     }
     // setup_data chain (hdr.setup_data at 0x250): reserve every node.
     // SAFETY: see above.

@@ -26,6 +26,12 @@ extern "C" fn probe_main(entry: u64, info: u64) -> ! {
     for e in boot.e820() {
         emit!("PROBE info e820 start={:#x} size={:#x} type={}", e.addr, e.size, e.kind);
     }
+    if let Some((addr, size)) = boot.initrd {
+        match bootinfo::fnv1a(addr, size) {
+            Some(hash) => emit!("PROBE info initrd addr={:#x} size={} fnv1a={:#018x}", addr, size, hash),
+            None => emit!("PROBE info initrd addr={:#x} size={} (not in the first 4 GiB)", addr, size),
+        }
+    }
     let (opts, cmdline_fails) = cmdline::parse(boot.cmdline.unwrap_or(b""));
 
     // ACPI first: its tables may sit in RAM, and they must be reserved before
