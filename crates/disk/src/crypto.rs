@@ -114,7 +114,10 @@ pub struct LuksCipher {
 impl Cipher {
     /// Decrypts sectors read from host offset `host` (guest offset `guest`).
     pub fn decrypt(&self, host: u64, guest: u64, buf: &mut [u8]) -> Result<(), CryptoError> {
-        if host % 512 != 0 || buf.len() % SECTOR != 0 || guest % 512 != 0 {
+        if !host.is_multiple_of(512)
+            || !buf.len().is_multiple_of(SECTOR)
+            || !guest.is_multiple_of(512)
+        {
             return Err(CryptoError::Unaligned);
         }
         match self {
@@ -137,7 +140,10 @@ impl Cipher {
 
     /// Encrypts sectors to be written at host offset `host` (guest offset `guest`).
     pub fn encrypt(&self, host: u64, guest: u64, buf: &mut [u8]) -> Result<(), CryptoError> {
-        if host % 512 != 0 || buf.len() % SECTOR != 0 || guest % 512 != 0 {
+        if !host.is_multiple_of(512)
+            || !buf.len().is_multiple_of(SECTOR)
+            || !guest.is_multiple_of(512)
+        {
             return Err(CryptoError::Unaligned);
         }
         match self {
@@ -514,6 +520,7 @@ pub fn create_luks(passphrase: &[u8], iter_time_ms: u64) -> Result<NewLuks, Cryp
 }
 
 #[cfg(test)]
+#[allow(clippy::cast_possible_truncation)]
 mod tests {
     use super::*;
 

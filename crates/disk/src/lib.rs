@@ -173,6 +173,9 @@ pub struct OpenOptions {
     pub no_repair: bool,
     /// Open an image whose corrupt bit is set (read-only or for repair).
     pub allow_corrupt: bool,
+    /// Never sync to stable storage (qemu's cache=unsafe): for images a tool writes in one
+    /// go, such as a conversion target. Write ordering is kept; durability is not.
+    pub no_sync: bool,
 }
 
 /// The deepest backing chain [`open`] follows.
@@ -232,7 +235,11 @@ pub(crate) fn open_chained(
         None => probe(path)?,
     };
     let dev: Arc<dyn BlockDevice> = match format {
-        ImageFormat::Raw => Arc::new(RawImage::open(path, opts.read_only)?),
+        ImageFormat::Raw => {
+            let mut raw = RawImage::open(path, opts.read_only)?;
+            raw.set_no_sync(opts.no_sync);
+            Arc::new(raw)
+        }
         ImageFormat::Qcow2 => Arc::new(Qcow2Image::open_with_chain(path, opts, seen)?),
     };
     Ok(dev)

@@ -13,6 +13,7 @@ pub struct RawImage {
     file: File,
     path: PathBuf,
     read_only: bool,
+    no_sync: bool,
     size: std::sync::atomic::AtomicU64,
 }
 
@@ -42,6 +43,7 @@ impl RawImage {
             file,
             path: path.to_owned(),
             read_only,
+            no_sync: false,
             size: std::sync::atomic::AtomicU64::new(size),
         })
     }
@@ -82,6 +84,11 @@ impl RawImage {
             }
         }
         Ok(())
+    }
+
+    /// Makes `flush` a no-op (qemu's cache=unsafe).
+    pub fn set_no_sync(&mut self, no_sync: bool) {
+        self.no_sync = no_sync;
     }
 
     fn io_err(&self, op: &'static str, source: std::io::Error) -> DiskError {
@@ -138,7 +145,7 @@ impl BlockDevice for RawImage {
     }
 
     fn flush(&self) -> Result<(), DiskError> {
-        if self.read_only {
+        if self.read_only || self.no_sync {
             return Ok(());
         }
         fileio::sync_data(&self.file).map_err(|e| self.io_err("fsync", e))
@@ -217,6 +224,7 @@ impl BlockDevice for RawImage {
 }
 
 #[cfg(test)]
+#[allow(clippy::cast_possible_truncation)]
 mod tests {
     use super::*;
 

@@ -4,6 +4,9 @@
 //!
 //! The child is this test binary re-run with `KILN_CRASH_CHILD` set.
 
+// Test code works on small, known sizes; truncating casts are intended there.
+#![allow(clippy::cast_possible_truncation)]
+
 use std::io::Write;
 use std::path::Path;
 use std::process::Command;

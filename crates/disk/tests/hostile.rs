@@ -1,6 +1,9 @@
 //! Hostile images: thousands of mutated and truncated images go through open, read, write
 //! and check. None may panic or hang; targeted corruptions get errors that name the problem.
 
+// Test code works on small, known sizes; truncating casts are intended there.
+#![allow(clippy::cast_possible_truncation)]
+
 use std::path::Path;
 use std::sync::mpsc;
 use std::time::Duration;
@@ -164,7 +167,8 @@ fn open_err(dir: &Path, bytes: &[u8]) -> String {
 fn targeted_corruptions_get_named_errors() {
     let dir = tempfile::tempdir().unwrap();
     let seed = seed_image(&dir.path().join("seed.qcow2"), false);
-    let cases: Vec<(&str, Box<dyn Fn(&mut Vec<u8>)>)> = vec![
+    type Mutation = Box<dyn Fn(&mut Vec<u8>)>;
+    let cases: Vec<(&str, Mutation)> = vec![
         ("bad magic", Box::new(|i| put(i, 0, b"QFI\0"))),
         ("version", Box::new(|i| put(i, 4, &7u32.to_be_bytes()))),
         (

@@ -1,6 +1,9 @@
 //! Library-level interop with qemu-img / qemu-io: images either side makes are read and
 //! checked by the other. Skipped (with a message) when qemu-img is not installed.
 
+// Test code works on small, known sizes; truncating casts are intended there.
+#![allow(clippy::cast_possible_truncation)]
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -312,8 +315,6 @@ fn compressed_clusters_both_directions() {
             data,
             "{ct} written by kiln"
         );
-        data[100..105]
-            .copy_from_slice(&b"cluster 0 is compressible text; "[100 % 32..100 % 32 + 5].to_vec());
         let fresh = std::fs::read(&src).unwrap();
         data.copy_from_slice(&fresh);
     }

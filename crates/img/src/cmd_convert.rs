@@ -68,6 +68,65 @@ fn parse_snapshot_param(s: &str) -> String {
     s.to_owned()
 }
 
+/// One piece of the guest view: `data` is `None` for a run that reads as zeroes, else a
+/// buffer whose first `len` bytes are valid.
+struct Chunk {
+    at: u64,
+    len: u64,
+    data: Option<Vec<u8>>,
+}
+
+/// Walks the sources in order and sends their contents in chunks of at most `chunk` bytes.
+fn read_chunks(
+    sources: &[Source],
+    chunk: u64,
+    compress: bool,
+    name: &str,
+    tx: &std::sync::mpsc::SyncSender<Result<Chunk, ImgError>>,
+    pool: &std::sync::mpsc::Receiver<Vec<u8>>,
+) {
+    let mut base = 0u64;
+    for src in sources {
+        let size = src.size();
+        let mut pos = 0u64;
+        while pos < size {
+            let lim = (chunk - (pos % chunk)).min(size - pos);
+            let item = (|| {
+                let (mut zero, len) = src.status(pos, lim).map_err(ImgError::disk(name))?;
+                let mut len = len.min(lim);
+                if compress && !(zero && len == lim) {
+                    // Compression works on whole clusters: take the whole chunk as data.
+                    zero = false;
+                    len = lim;
+                }
+                let data = if zero {
+                    None
+                } else {
+                    let n = usize::try_from(len).unwrap_or(0);
+                    let mut d = pool.try_recv().unwrap_or_default();
+                    if d.len() < n {
+                        d = vec![0u8; usize::try_from(chunk).unwrap_or(n).max(n)];
+                    }
+                    src.read(pos, &mut d[..n]).map_err(ImgError::disk(name))?;
+                    Some(d)
+                };
+                Ok(Chunk {
+                    at: base + pos,
+                    len,
+                    data,
+                })
+            })();
+            let stop = item.is_err();
+            let len = item.as_ref().map_or(0, |c| c.len);
+            if tx.send(item).is_err() || stop {
+                return;
+            }
+            pos += len;
+        }
+        base += size;
+    }
+}
+
 /// Writes `buf` at `off` in the target, skipping zero runs of `sparse` bytes (or writing
 /// them as zeroes when `explicit_zero`).
 fn write_sparse(
@@ -235,63 +294,58 @@ pub(crate) fn convert(args: &[String]) -> Result<i32, ImgError> {
     let cs = target.qcow2.as_ref().map_or(65536, |q| q.cluster_size());
     let chunk = CHUNK.max(cs);
     let progress = Progress::new(p.has("p") && !p.has("q"), total);
-    let mut base = 0u64;
-    let mut buf = vec![0u8; usize::try_from(chunk).unwrap_or(2 << 20)];
-    let mut bbuf = Vec::new();
-    for src in &sources {
-        let size = src.size();
-        let mut pos = 0u64;
-        while pos < size {
-            let lim = (chunk - (pos % chunk)).min(size - pos);
-            let (mut zero, len) = src.status(pos, lim).map_err(ImgError::disk(&p.free[0]))?;
-            let mut len = len.min(lim);
-            if compress && !(zero && len == lim) {
-                // Compression works on whole clusters: take the whole chunk as data.
-                zero = false;
-                len = lim;
-            }
-            let n = usize::try_from(len).unwrap_or(0);
-            let at = base + pos;
-            if zero && tbacking.is_none() {
-                if explicit_zero {
-                    tdev.write_zeroes(at, len, true)
-                        .map_err(ImgError::disk(dst))?;
-                }
-            } else {
-                let data = &mut buf[..n];
-                if zero {
-                    data.fill(0);
-                } else {
-                    src.read(pos, data).map_err(ImgError::disk(&p.free[0]))?;
-                }
-                if let Some(b) = &tbacking {
-                    // Only what differs from the new backing file needs writing.
-                    bbuf.resize(n, 0);
-                    let avail = usize::try_from(b.size().saturating_sub(at))
-                        .unwrap_or(usize::MAX)
-                        .min(n);
-                    b.read_at(at, &mut bbuf[..avail])
-                        .map_err(ImgError::disk(dst))?;
-                    bbuf[avail..].fill(0);
-                    if bbuf[..n] != *data {
-                        tdev.write_at(at, data).map_err(ImgError::disk(dst))?;
+    // Reading and writing overlap: a reader thread walks the sources and hands chunks to
+    // this thread, which writes them (qemu-img overlaps them with coroutines).
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Result<Chunk, ImgError>>(4);
+    // Buffers go back to the reader so that no chunk pays for a fresh zeroed allocation.
+    let (pool_tx, pool_rx) = std::sync::mpsc::channel::<Vec<u8>>();
+    let src_name = p.free[0].clone();
+    std::thread::scope(|scope| -> Result<(), ImgError> {
+        let sources = &sources;
+        scope.spawn(move || read_chunks(sources, chunk, compress, &src_name, &tx, &pool_rx));
+        let mut bbuf = Vec::new();
+        for item in rx {
+            let Chunk { at, len, data } = item?;
+            match data {
+                None if tbacking.is_none() => {
+                    if explicit_zero {
+                        tdev.write_zeroes(at, len, true)
+                            .map_err(ImgError::disk(dst))?;
                     }
-                } else if compress {
-                    let q = target
-                        .qcow2
-                        .as_ref()
-                        .ok_or_else(|| ImgError::Msg("compression needs qcow2".into()))?;
-                    write_compressed_run(q, at, data, cs).map_err(ImgError::disk(dst))?;
-                } else {
-                    write_sparse(tdev.as_ref(), at, data, sparse, explicit_zero)
-                        .map_err(ImgError::disk(dst))?;
+                }
+                data => {
+                    let n = usize::try_from(len).unwrap_or(0);
+                    let buf = data.unwrap_or_else(|| vec![0u8; n]);
+                    let data = &buf[..n];
+                    if let Some(b) = &tbacking {
+                        // Only what differs from the new backing file needs writing.
+                        bbuf.resize(n, 0);
+                        let avail = usize::try_from(b.size().saturating_sub(at))
+                            .unwrap_or(usize::MAX)
+                            .min(n);
+                        b.read_at(at, &mut bbuf[..avail])
+                            .map_err(ImgError::disk(dst))?;
+                        bbuf[avail..].fill(0);
+                        if bbuf[..n] != *data {
+                            tdev.write_at(at, data).map_err(ImgError::disk(dst))?;
+                        }
+                    } else if compress {
+                        let q = target
+                            .qcow2
+                            .as_ref()
+                            .ok_or_else(|| ImgError::Msg("compression needs qcow2".into()))?;
+                        write_compressed_run(q, at, data, cs).map_err(ImgError::disk(dst))?;
+                    } else {
+                        write_sparse(tdev.as_ref(), at, data, sparse, explicit_zero)
+                            .map_err(ImgError::disk(dst))?;
+                    }
+                    let _ = pool_tx.send(buf);
                 }
             }
-            pos += len;
-            progress.set(base + pos);
+            progress.set(at + len);
         }
-        base += size;
-    }
+        Ok(())
+    })?;
     tdev.flush().map_err(ImgError::disk(dst))?;
     if let Some(q) = &target.qcow2 {
         q.close().map_err(ImgError::disk(dst))?;

@@ -282,6 +282,7 @@ pub(crate) fn create(args: &[String]) -> Result<i32, ImgError> {
 }
 
 #[cfg(test)]
+#[allow(clippy::cast_possible_truncation)]
 mod tests {
     use super::*;
 

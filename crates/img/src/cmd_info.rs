@@ -520,6 +520,7 @@ pub(crate) fn measure(args: &[String]) -> Result<i32, ImgError> {
 }
 
 #[cfg(test)]
+#[allow(clippy::cast_possible_truncation)]
 mod tests {
     use super::*;
 

@@ -201,6 +201,8 @@ pub(crate) struct OpenFlags {
     pub write: bool,
     pub no_backing: bool,
     pub no_repair: bool,
+    /// cache=unsafe: no syncs.
+    pub no_sync: bool,
 }
 
 /// Opens an image (probing the format unless given), with its backing chain read-only.
@@ -225,10 +227,12 @@ pub(crate) fn open_image(
         no_backing: flags.no_backing,
         no_repair: flags.no_repair,
         allow_corrupt: !flags.write,
+        no_sync: flags.no_sync,
     };
     match format {
         ImageFormat::Raw => {
-            let raw = RawImage::open(path, !flags.write).map_err(ImgError::disk(&spec.path))?;
+            let mut raw = RawImage::open(path, !flags.write).map_err(ImgError::disk(&spec.path))?;
+            raw.set_no_sync(flags.no_sync);
             Ok(Opened {
                 dev: Arc::new(raw),
                 qcow2: None,

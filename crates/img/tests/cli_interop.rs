@@ -1,6 +1,9 @@
 //! `kiln img` against qemu-img: same command lines, same results. Skipped (with a message)
 //! when qemu-img is not installed.
 
+// Test code works on small, known sizes; truncating casts are intended there.
+#![allow(clippy::cast_possible_truncation)]
+
 use std::path::Path;
 use std::process::{Command, Output};
 

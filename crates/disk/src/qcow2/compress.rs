@@ -94,6 +94,7 @@ pub(crate) fn decompress(ty: CompressionType, input: &[u8], out: &mut [u8]) -> R
 }
 
 #[cfg(test)]
+#[allow(clippy::cast_possible_truncation)]
 mod tests {
     use super::*;
 
@@ -135,7 +136,7 @@ mod tests {
             let e = make_descriptor(0x12_3456_7a00 + 17, 1000, bits);
             let (off, csize) = descriptor(e, bits);
             assert_eq!(off, 0x12_3456_7a00 + 17);
-            assert!(csize >= 1000 && csize < 1000 + 512);
+            assert!((1000..1000 + 512).contains(&csize));
         }
     }
 

@@ -128,7 +128,7 @@ impl CreateOptions {
         if self.backing_file.is_some() && self.preallocation != Prealloc::Off {
             return bad("Backing file and preallocation can only be used at the same time if extended_l2 is on");
         }
-        if self.size % 512 != 0 {
+        if !self.size.is_multiple_of(512) {
             return bad("Image size must be a multiple of 512 bytes");
         }
         Ok(cbits)

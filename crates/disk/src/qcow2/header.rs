@@ -210,7 +210,7 @@ impl Header {
             h.autoclear = be64(first, 88);
             h.refcount_order = be32(first, 96);
             h.header_length = be32(first, 100);
-            if h.header_length < 104 || h.header_length % 8 != 0 {
+            if h.header_length < 104 || !h.header_length.is_multiple_of(8) {
                 return Err(Qcow2Error::Header(format!(
                     "header_length {} must be a multiple of 8 and at least 104",
                     h.header_length
@@ -490,6 +490,7 @@ fn incompat_names(bits: u64, first: &[u8], header_length: u32) -> String {
 }
 
 #[cfg(test)]
+#[allow(clippy::cast_possible_truncation)]
 mod tests {
     use super::*;
 

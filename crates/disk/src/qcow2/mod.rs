@@ -131,6 +131,7 @@ impl Qcow2Image {
             return Err(Qcow2Error::MarkedCorrupt.into());
         }
         let mut st = State::new(file, path.to_owned(), opts.read_only, hdr, file_len);
+        st.no_sync = opts.no_sync;
         st.load_refcount_table()?;
         st.load_l1()?;
         st.load_snapshots()?;
@@ -261,7 +262,7 @@ impl Qcow2Image {
     pub fn write_compressed(&self, offset: u64, data: &[u8]) -> Result<(), DiskError> {
         let mut st = self.lock();
         check_range(offset, data.len() as u64, st.hdr.size)?;
-        if offset % st.cs != 0 {
+        if !offset.is_multiple_of(st.cs) {
             return Err(Qcow2Error::Unsupported("unaligned compressed write".into()).into());
         }
         let gc = offset >> st.cbits;
@@ -364,6 +365,7 @@ fn open_backing(
         no_backing: false,
         no_repair: true,
         allow_corrupt: opts.allow_corrupt,
+        no_sync: false,
     };
     crate::open_chained(&path, &bopts, seen).map_err(|e| match e {
         DiskError::BackingLoop(_) | DiskError::ChainTooDeep(_) => e,

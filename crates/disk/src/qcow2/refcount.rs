@@ -247,15 +247,11 @@ impl State {
             if (idx + 1) << self.cbits > MAX_HOST_OFFSET {
                 return Err(Qcow2Error::NoSpace);
             }
-            // Skip whole unallocated refcount blocks quickly.
+            // Past everything in use, or under a missing refcount block: free.
             let ti = idx >> self.rb_bits;
-            let free = if idx >= self.end_cluster {
-                true
-            } else if !self.load_refblock(ti)? {
-                true
-            } else {
-                self.refcount(idx)? == 0 && !self.pending_free_contains(idx)
-            };
+            let free = idx >= self.end_cluster
+                || !self.load_refblock(ti)?
+                || (self.refcount(idx)? == 0 && !self.pending_free_contains(idx));
             if free {
                 if run == 0 {
                     start = idx;
@@ -463,6 +459,7 @@ impl State {
 }
 
 #[cfg(test)]
+#[allow(clippy::cast_possible_truncation)]
 mod tests {
     use super::*;
 

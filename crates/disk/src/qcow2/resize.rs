@@ -16,7 +16,7 @@ impl State {
                 "Internal snapshots prevent shrinking the image".into(),
             ));
         }
-        if new_size % 512 != 0 {
+        if !new_size.is_multiple_of(512) {
             return Err(Qcow2Error::InvalidOption(
                 "size must be a multiple of 512 bytes".into(),
             ));

@@ -335,7 +335,7 @@ impl State {
         if self.snapshots.iter().any(|s| s.name == name) {
             return Err(Qcow2Error::SnapshotExists(name.to_owned()));
         }
-        if self.snapshots.len() as u32 >= MAX_SNAPSHOTS {
+        if self.snapshots.len() >= MAX_SNAPSHOTS as usize {
             return Err(Qcow2Error::TooLarge {
                 what: "snapshot count",
                 value: MAX_SNAPSHOTS.into(),
@@ -464,6 +464,7 @@ impl State {
 }
 
 #[cfg(test)]
+#[allow(clippy::cast_possible_truncation)]
 mod tests {
     use super::*;
 
