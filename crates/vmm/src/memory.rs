@@ -124,20 +124,47 @@ pub struct SlotSpec {
     pub host: u64,
 }
 
-/// The slots that cover `mem`, each at most [`MAX_SLOT_SIZE`].
-pub fn slots(mem: &GuestMemory) -> Vec<SlotSpec> {
-    let mut out = Vec::new();
+/// Deferred slots are at most this large: registering one can hold up running vCPUs on
+/// hosts that shadow page tables, so smaller slots let the guest make progress between them.
+const DEFERRED_SLOT_SIZE: u64 = 64 << 30;
+
+/// The slots that cover `mem`: those wholly below [`SYNC_SLOT_LIMIT`] first (each at most
+/// [`MAX_SLOT_SIZE`]), then the rest in pieces of [`DEFERRED_SLOT_SIZE`], grown if needed to
+/// stay within `max_slots` slots in all.
+pub fn slots(mem: &GuestMemory, max_slots: usize) -> Vec<SlotSpec> {
+    // (gpa, size, host) pieces split at the sync limit.
+    let mut pieces = Vec::new();
     for region in mem.iter() {
-        let base = region.start_addr().0;
-        let host = region.as_ptr() as u64;
-        let len = region.len();
+        let (base, len, host) = (region.start_addr().0, region.len(), region.as_ptr() as u64);
+        let split = SYNC_SLOT_LIMIT.clamp(base, base + len) - base;
+        if split > 0 {
+            pieces.push((base, split, host));
+        }
+        if split < len {
+            pieces.push((base + split, len - split, host + split));
+        }
+    }
+    let deferred: u64 = pieces
+        .iter()
+        .filter(|p| p.0 >= SYNC_SLOT_LIMIT)
+        .map(|p| p.1)
+        .sum();
+    let budget = (max_slots.max(16) as u64 - 8).max(1);
+    let chunk = DEFERRED_SLOT_SIZE.max(deferred.div_ceil(budget).next_multiple_of(1 << 30));
+    let mut out = Vec::new();
+    for (gpa, len, host) in pieces {
+        let max = if gpa >= SYNC_SLOT_LIMIT {
+            chunk
+        } else {
+            MAX_SLOT_SIZE
+        };
         let mut off = 0;
         while off < len {
-            let size = (len - off).min(MAX_SLOT_SIZE);
+            let size = (len - off).min(max);
             let slot = u32::try_from(out.len()).unwrap_or(u32::MAX);
             out.push(SlotSpec {
                 slot,
-                gpa: base + off,
+                gpa: gpa + off,
                 size,
                 host: host + off,
             });
@@ -171,6 +198,14 @@ mod tests {
     use super::*;
 
     #[test]
+    fn slot_count_stays_within_kvms_limit() {
+        let mem = create_guest_memory(64 << 40).unwrap();
+        let s = slots(&mem, 32);
+        assert!(s.len() <= 32, "{} slots", s.len());
+        assert_eq!(s.iter().map(|s| s.size).sum::<u64>(), 64 << 40);
+    }
+
+    #[test]
     fn tracking_guard_refuses_what_would_exhaust_the_host() {
         assert!(check_tracking_fits(4 << 40, Some(23 << 30)).is_ok());
         let e = check_tracking_fits(64 << 40, Some(23 << 30))
@@ -183,12 +218,21 @@ mod tests {
     #[test]
     fn huge_guest_maps_lazily_and_splits_into_slots() {
         let mem = create_guest_memory(4 << 40).unwrap();
-        let s = slots(&mem);
+        let s = slots(&mem, 509);
         let total: u64 = s.iter().map(|s| s.size).sum();
         assert_eq!(total, 4 << 40);
         assert!(s.iter().all(|s| s.size <= MAX_SLOT_SIZE));
         assert_eq!(s[0].gpa, 0);
         assert_eq!(s[1].gpa, 1 << 32);
+        // Nothing straddles the sync limit, and deferred slots stay small.
+        assert!(s
+            .iter()
+            .all(|s| s.gpa >= SYNC_SLOT_LIMIT || s.gpa + s.size <= SYNC_SLOT_LIMIT));
+        assert_eq!(s[1].gpa + s[1].size, SYNC_SLOT_LIMIT);
+        assert!(s
+            .iter()
+            .filter(|s| s.gpa >= SYNC_SLOT_LIMIT)
+            .all(|s| s.size <= DEFERRED_SLOT_SIZE));
         for w in s.windows(2) {
             assert!(w[0].slot < w[1].slot);
         }

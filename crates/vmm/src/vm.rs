@@ -246,7 +246,8 @@ impl Vm {
             .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
         log::debug!("VM created");
         let mem = memory::create_guest_memory(cfg.memory)?;
-        let (now, deferred): (Vec<_>, Vec<_>) = memory::slots(&mem)
+        let max_slots = usize::try_from(kvm.check_extension_int(Cap::NrMemslots)).unwrap_or(32);
+        let (now, deferred): (Vec<_>, Vec<_>) = memory::slots(&mem, max_slots)
             .into_iter()
             .partition(|s| s.gpa < memory::SYNC_SLOT_LIMIT);
         for slot in now {
