@@ -72,6 +72,7 @@ qemu-img compare -q src.raw k.zst.qcow2
 # host block written, so neither side pays for unwritten extents).
 dd if=src.raw of=io.raw bs=1M status=none
 "$kiln" convert -S 0 -f raw -O qcow2 io.raw io.qcow2
+sync # no writeback of the fresh files running under the measurement
 read -r rr rw < <("$randio" io.raw 5)
 read -r qr qw < <("$randio" io.qcow2 5)
 

@@ -626,3 +626,55 @@ fn dirty_lazy_image_is_repaired_on_open() {
     drop(img);
     check_clean(&p);
 }
+
+#[test]
+fn legacy_aes_images_from_qemu_read_but_refuse_writes() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("aes.qcow2");
+    let ps = p.to_str().unwrap();
+    qemu_img(&[
+        "create",
+        "-q",
+        "--object",
+        "secret,id=s0,data=pw12",
+        "-f",
+        "qcow2",
+        "-o",
+        "encrypt.format=aes,encrypt.key-secret=s0",
+        ps,
+        "1M",
+    ]);
+    let st = Command::new("qemu-io")
+        .args([
+            "--object",
+            "secret,id=s0,data=pw12",
+            "--image-opts",
+            "-c",
+            "write -P 0x61 4096 8192",
+        ])
+        .arg(format!(
+            "driver=qcow2,file.filename={ps},encrypt.key-secret=s0"
+        ))
+        .output()
+        .unwrap();
+    assert!(st.status.success());
+    let img = open(
+        &p,
+        &OpenOptions {
+            key: Some(b"pw12".to_vec()),
+            ..OpenOptions::default()
+        },
+    )
+    .unwrap();
+    let mut b = vec![0u8; 16384];
+    img.read_at(0, &mut b).unwrap();
+    assert!(b[..4096].iter().all(|&x| x == 0));
+    assert!(b[4096..12288].iter().all(|&x| x == 0x61));
+    assert!(
+        img.write_at(0, &[1u8; 512]).is_err(),
+        "legacy AES must be read-only"
+    );
+}

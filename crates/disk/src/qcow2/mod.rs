@@ -442,8 +442,13 @@ impl BlockDevice for Qcow2Image {
             return Ok(());
         }
         if st.encrypted {
-            if st.cipher.is_none() {
-                return Err(Qcow2Error::KeyRequired.into());
+            match &st.cipher {
+                None => return Err(Qcow2Error::KeyRequired.into()),
+                // Refuse before any cluster is allocated.
+                Some(c) if !c.is_luks() => {
+                    return Err(Qcow2Error::Crypto(crate::crypto::CryptoError::LegacyWrite).into())
+                }
+                Some(_) => {}
             }
             return Ok(aligned_write(&mut st, offset, buf, 512)?);
         }
