@@ -63,8 +63,14 @@ pub fn probe() -> &'static Path {
     })
 }
 
-/// Runs `kiln` with `args`, stdin from /dev/null, killing it after `timeout`.
+/// Runs `kiln` with `args`, stdin from /dev/null, failing the test after `timeout`.
 pub fn run_kiln(args: &[&str], timeout: Duration) -> Output {
+    run_measured(args, timeout, u64::MAX).0
+}
+
+/// Runs `kiln` with `args`; while it runs, samples its peak RSS (KiB) outside mappings of
+/// at least `guest_min_kib` (guest RAM), unless that is `u64::MAX`.
+pub fn run_measured(args: &[&str], timeout: Duration, guest_min_kib: u64) -> (Output, u64) {
     let mut child = Command::new(kiln())
         .args(args)
         .stdin(Stdio::null())
@@ -72,23 +78,66 @@ pub fn run_kiln(args: &[&str], timeout: Duration) -> Output {
         .stderr(Stdio::piped())
         .spawn()
         .expect("cannot start kiln");
+    let pid = child.id();
+    // Drain the pipes while the VM runs so a chatty guest cannot block on a full pipe.
+    let drain = |mut r: Box<dyn std::io::Read + Send>| {
+        std::thread::spawn(move || {
+            let mut v = Vec::new();
+            let _ = r.read_to_end(&mut v);
+            v
+        })
+    };
+    let stdout = drain(Box::new(child.stdout.take().expect("piped stdout")));
+    let stderr = drain(Box::new(child.stderr.take().expect("piped stderr")));
     let start = Instant::now();
-    loop {
-        if child.try_wait().expect("wait on kiln").is_some() {
-            break;
+    let mut peak = 0;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait on kiln") {
+            break status;
         }
         if start.elapsed() > timeout {
             let _ = child.kill();
-            let out = child.wait_with_output().expect("collect kiln output");
+            let _ = child.wait();
+            let out = String::from_utf8_lossy(&stdout.join().unwrap_or_default()).into_owned();
+            let err = String::from_utf8_lossy(&stderr.join().unwrap_or_default()).into_owned();
             panic!(
-                "kiln {args:?} did not finish within {timeout:?}\nstdout:\n{}\nstderr:\n{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
+                "kiln {args:?} did not finish within {timeout:?}\nstdout:\n{out}\nstderr:\n{err}"
             );
         }
-        std::thread::sleep(Duration::from_millis(20));
+        if guest_min_kib != u64::MAX {
+            peak = peak.max(vmm_rss_kib(pid, guest_min_kib).unwrap_or(0));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let out = Output {
+        status,
+        stdout: stdout.join().expect("stdout reader"),
+        stderr: stderr.join().expect("stderr reader"),
+    };
+    (out, peak)
+}
+
+/// RSS in KiB of `pid`'s mappings smaller than `guest_min_kib` (larger ones are guest RAM).
+pub fn vmm_rss_kib(pid: u32, guest_min_kib: u64) -> Option<u64> {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).ok()?;
+    let (mut total, mut skip) = (0, false);
+    for line in smaps.lines() {
+        let kib = |rest: &str| {
+            rest.trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse::<u64>()
+                .ok()
+        };
+        if let Some(rest) = line.strip_prefix("Size:") {
+            skip = kib(rest)? >= guest_min_kib;
+        } else if let Some(rest) = line.strip_prefix("Rss:") {
+            if !skip {
+                total += kib(rest)?;
+            }
+        }
     }
-    child.wait_with_output().expect("collect kiln output")
+    Some(total)
 }
 
 /// What the probe printed in one run.
@@ -104,13 +153,19 @@ pub struct ProbeRun {
 impl ProbeRun {
     /// Boots the probe with `args` added to `kiln run --kernel PROBE`.
     pub fn boot(args: &[&str], timeout: Duration) -> ProbeRun {
+        Self::boot_measured(args, timeout, u64::MAX).0
+    }
+
+    /// As [`ProbeRun::boot`], also sampling kiln's peak RSS (KiB) outside mappings of at
+    /// least `guest_min_kib` (guest RAM) every few milliseconds.
+    pub fn boot_measured(args: &[&str], timeout: Duration, guest_min_kib: u64) -> (ProbeRun, u64) {
         require_kvm();
         let probe = probe().to_str().expect("utf-8 path").to_string();
         let mut all = vec!["run", "--kernel", probe.as_str()];
         all.extend_from_slice(args);
-        let out = run_kiln(&all, timeout);
+        let (out, peak) = run_measured(&all, timeout, guest_min_kib);
         let stdout = String::from_utf8_lossy(&out.stdout);
-        ProbeRun {
+        let run = ProbeRun {
             lines: stdout
                 .lines()
                 .filter_map(|l| l.strip_prefix("PROBE "))
@@ -118,7 +173,8 @@ impl ProbeRun {
                 .collect(),
             code: out.status.code(),
             stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        }
+        };
+        (run, peak)
     }
 
     /// The result line of `check` (`"<check> ok ..."` or `"<check> fail ..."`).
