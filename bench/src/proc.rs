@@ -19,8 +19,9 @@ pub struct RunResult {
     pub success: bool,
 }
 
-/// RSS in KiB of all mappings of `pid` except those whose size is within
-/// `[guest_ram, guest_ram + slack)` (guest RAM; QEMU rounds its block up a little).
+/// RSS in KiB of all mappings of `pid` except guest RAM: mappings whose size is within
+/// `[guest_ram, guest_ram + slack)` (QEMU rounds its block up a little), or at least 1 GiB
+/// when `guest_ram_kib` is 1 GiB (a huge guest's RAM is several mappings).
 pub fn rss_without_guest(pid: u32, guest_ram_kib: u64) -> Option<u64> {
     let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).ok()?;
     let mut total = 0;
@@ -28,7 +29,8 @@ pub fn rss_without_guest(pid: u32, guest_ram_kib: u64) -> Option<u64> {
     for line in smaps.lines() {
         if let Some(rest) = line.strip_prefix("Size:") {
             let size: u64 = rest.trim().trim_end_matches("kB").trim().parse().ok()?;
-            skip = size >= guest_ram_kib && size < guest_ram_kib + 8192;
+            skip =
+                size >= guest_ram_kib && (size < guest_ram_kib + 8192 || guest_ram_kib >= 1 << 20);
         } else if let Some(rest) = line.strip_prefix("Rss:") {
             if !skip {
                 total += rest
