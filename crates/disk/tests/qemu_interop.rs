@@ -11,13 +11,12 @@ use kiln_disk::qcow2::{CompressionType, CreateOptions, EncryptOptions, Prealloc,
 use kiln_disk::{open, BlockDevice, ExtentKind, OpenOptions, Qcow2Image};
 
 /// Fails the test loudly when qemu-img is missing: interop tests never pass by skipping.
-fn have_qemu() -> bool {
+fn require_qemu() {
     let ok = Command::new("qemu-img")
         .arg("--version")
         .output()
         .is_ok_and(|o| o.status.success());
     assert!(ok, "these interop tests need qemu-img (Debian package qemu-utils: apt-get install qemu-utils); they do not skip");
-    ok
 }
 
 fn qemu_img(args: &[&str]) -> String {
@@ -133,9 +132,7 @@ fn kiln_writes_then_qemu_reads(opts: CreateOptions, name: &str) {
 
 #[test]
 fn kiln_images_pass_qemu_check_for_every_layout() {
-    if !have_qemu() {
-        return;
-    }
+    require_qemu();
     let base = CreateOptions {
         size: 8 << 20,
         ..CreateOptions::default()
@@ -192,9 +189,7 @@ fn kiln_images_pass_qemu_check_for_every_layout() {
 
 #[test]
 fn qemu_images_read_byte_exact() {
-    if !have_qemu() {
-        return;
-    }
+    require_qemu();
     let dir = tempfile::tempdir().unwrap();
     for opts in [
         "compat=1.1",
@@ -236,9 +231,7 @@ fn qemu_images_read_byte_exact() {
 
 #[test]
 fn compressed_clusters_both_directions() {
-    if !have_qemu() {
-        return;
-    }
+    require_qemu();
     let dir = tempfile::tempdir().unwrap();
     let src = dir.path().join("src.raw");
     let mut data = vec![0u8; 4 << 20];
@@ -321,9 +314,7 @@ fn compressed_clusters_both_directions() {
 
 #[test]
 fn backing_chains_both_directions() {
-    if !have_qemu() {
-        return;
-    }
+    require_qemu();
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let base = d.join("base.raw");
@@ -419,9 +410,7 @@ fn backing_loop_is_detected() {
 
 #[test]
 fn snapshots_interop_with_qemu() {
-    if !have_qemu() {
-        return;
-    }
+    require_qemu();
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("s.qcow2");
     let ps = p.to_str().unwrap();
@@ -474,9 +463,7 @@ fn snapshots_interop_with_qemu() {
 
 #[test]
 fn luks_both_directions() {
-    if !have_qemu() {
-        return;
-    }
+    require_qemu();
     let dir = tempfile::tempdir().unwrap();
     let q = dir.path().join("q.qcow2");
     let qs = q.to_str().unwrap();
@@ -585,9 +572,7 @@ fn luks_both_directions() {
 
 #[test]
 fn dirty_lazy_image_is_repaired_on_open() {
-    if !have_qemu() {
-        return;
-    }
+    require_qemu();
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("l.qcow2");
     Qcow2Image::create(
@@ -628,9 +613,7 @@ fn dirty_lazy_image_is_repaired_on_open() {
 
 #[test]
 fn legacy_aes_images_from_qemu_read_but_refuse_writes() {
-    if !have_qemu() {
-        return;
-    }
+    require_qemu();
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("aes.qcow2");
     let ps = p.to_str().unwrap();

@@ -10,13 +10,12 @@ use std::process::{Command, Output};
 const KILN: &str = env!("CARGO_BIN_EXE_kiln-img");
 
 /// Fails the test loudly when qemu-img is missing: interop tests never pass by skipping.
-fn have_qemu() -> bool {
+fn require_qemu() {
     let ok = Command::new("qemu-img")
         .arg("--version")
         .output()
         .is_ok_and(|o| o.status.success());
     assert!(ok, "these interop tests need qemu-img (Debian package qemu-utils: apt-get install qemu-utils); they do not skip");
-    ok
 }
 
 fn run(prog: &str, args: &[&str], dir: &Path) -> Output {
@@ -95,9 +94,7 @@ fn write_pattern(path: &Path, size: usize) {
 
 #[test]
 fn create_matches_qemu_info() {
-    if !have_qemu() {
-        return;
-    }
+    require_qemu();
     let d = tempfile::tempdir().unwrap();
     let dir = d.path();
     for opts in [
@@ -137,9 +134,7 @@ fn create_matches_qemu_info() {
 
 #[test]
 fn info_check_map_measure_output_match_qemu() {
-    if !have_qemu() {
-        return;
-    }
+    require_qemu();
     let d = tempfile::tempdir().unwrap();
     let dir = d.path();
     write_pattern(&dir.join("base.raw"), 4 << 20);
@@ -194,9 +189,7 @@ fn info_check_map_measure_output_match_qemu() {
 
 #[test]
 fn convert_both_directions_and_formats() {
-    if !have_qemu() {
-        return;
-    }
+    require_qemu();
     let d = tempfile::tempdir().unwrap();
     let dir = d.path();
     write_pattern(&dir.join("src.raw"), 8 << 20);
@@ -272,9 +265,7 @@ fn convert_both_directions_and_formats() {
 
 #[test]
 fn snapshot_commit_rebase_resize_match_qemu() {
-    if !have_qemu() {
-        return;
-    }
+    require_qemu();
     let d = tempfile::tempdir().unwrap();
     let dir = d.path();
     write_pattern(&dir.join("base0.raw"), 4 << 20);
@@ -367,9 +358,7 @@ fn snapshot_commit_rebase_resize_match_qemu() {
 
 #[test]
 fn check_repairs_leaks_and_reports_exit_codes() {
-    if !have_qemu() {
-        return;
-    }
+    require_qemu();
     let d = tempfile::tempdir().unwrap();
     let dir = d.path();
     qemu(&["create", "-q", "-f", "qcow2", "l.qcow2", "16M"], dir);
@@ -424,9 +413,7 @@ fn check_repairs_leaks_and_reports_exit_codes() {
 
 #[test]
 fn encrypted_images_with_secrets() {
-    if !have_qemu() {
-        return;
-    }
+    require_qemu();
     let d = tempfile::tempdir().unwrap();
     let dir = d.path();
     kiln(
