@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
-use kiln_vmm::config::{BootEntry, MemorySize, SerialConfig};
+use kiln_vmm::config::{BootEntry, ConsoleConfig, DiskConfig, MemorySize, NetConfig, SerialConfig};
 use kiln_vmm::{PartialConfig, VmConfig, VmOutcome};
 
 /// Exit status when the guest powered off.
@@ -91,6 +91,20 @@ struct RunArgs {
     /// Kernel entry point: auto (PVH if the ELF has the note), pvh or linux64 [default: auto].
     #[arg(long, value_name = "ENTRY", value_parser = parse_entry)]
     entry: Option<BootEntry>,
+    /// A virtio-blk disk (repeatable): path=FILE[,readonly=on][,serial=ID][,direct=on]
+    /// [,queues=N][,format=raw|qcow2][,transport=pci|mmio].
+    #[arg(long, value_name = "SPEC", value_parser = parse_disk)]
+    disk: Vec<DiskConfig>,
+    /// A virtio-net interface on a host tap (repeatable): tap=NAME[,mac=MAC][,queues=N]
+    /// [,transport=pci|mmio].
+    #[arg(long, value_name = "SPEC", value_parser = parse_net)]
+    net: Vec<NetConfig>,
+    /// Give the guest a virtio-rng device (entropy from the host's getrandom).
+    #[arg(long)]
+    rng: bool,
+    /// A virtio console: stdio, file:PATH or socket:PATH.
+    #[arg(long, value_name = "WHERE", value_parser = parse_console)]
+    console: Option<ConsoleConfig>,
 }
 
 fn parse_level(s: &str) -> Result<log::LevelFilter, String> {
@@ -107,6 +121,18 @@ fn parse_serial(s: &str) -> Result<SerialConfig, String> {
 }
 
 fn parse_entry(s: &str) -> Result<BootEntry, String> {
+    s.parse()
+}
+
+fn parse_disk(s: &str) -> Result<DiskConfig, String> {
+    s.parse()
+}
+
+fn parse_net(s: &str) -> Result<NetConfig, String> {
+    s.parse()
+}
+
+fn parse_console(s: &str) -> Result<ConsoleConfig, String> {
     s.parse()
 }
 
@@ -156,6 +182,10 @@ fn run(args: RunArgs) -> ExitCode {
         memory: args.memory,
         serial: args.serial,
         entry: args.entry,
+        disk: (!args.disk.is_empty()).then_some(args.disk),
+        net: (!args.net.is_empty()).then_some(args.net),
+        rng: args.rng.then_some(true),
+        console: args.console,
     };
     let file = match &args.config {
         Some(path) => match PartialConfig::from_file(path) {

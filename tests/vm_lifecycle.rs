@@ -23,6 +23,10 @@ fn pause_save_restore_resume_keeps_the_guest_running() {
         memory: 256 << 20,
         serial: SerialConfig::File(console.clone()),
         entry: BootEntry::Auto,
+        disks: vec![],
+        nets: vec![],
+        rng: false,
+        console: None,
     };
     let mut vm = Vm::build(&cfg).expect("build VM");
     std::thread::sleep(Duration::from_millis(700));
@@ -69,6 +73,10 @@ fn state_cannot_be_read_while_running() {
         memory: 64 << 20,
         serial: SerialConfig::None,
         entry: BootEntry::Auto,
+        disks: vec![],
+        nets: vec![],
+        rng: false,
+        console: None,
     };
     let vm = Vm::build(&cfg).expect("build VM");
     let err = vm.save_vcpu_states().unwrap_err().to_string();

@@ -1,9 +1,11 @@
 //! kiln's VMM: the VM description ([`config::VmConfig`]), the builder that turns it into a
 //! running VM ([`vm::Vm`]), vCPU threads and the event loop.
 
+mod builder;
 pub mod config;
 pub mod console;
 pub mod decompress;
+pub mod error;
 pub mod events;
 pub mod loader;
 pub mod memory;
@@ -12,4 +14,5 @@ pub mod vcpu_state;
 pub mod vm;
 
 pub use config::{PartialConfig, VmConfig};
-pub use vm::{run, Vm, VmError, VmOutcome};
+pub use error::VmError;
+pub use vm::{run, Vm, VmOutcome};

@@ -8,6 +8,10 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
+mod devices;
+
+pub use devices::{ConsoleConfig, DiskConfig, DiskFormat, MacAddr, NetConfig, Transport};
+
 /// Most vCPUs a config may ask for; KVM's own limit is checked when the VM is built.
 pub const MAX_CPUS: u32 = 4096;
 /// Smallest guest RAM.
@@ -230,6 +234,14 @@ pub struct PartialConfig {
     pub serial: Option<SerialConfig>,
     /// Kernel entry point.
     pub entry: Option<BootEntry>,
+    /// virtio-blk disks.
+    pub disk: Option<Vec<DiskConfig>>,
+    /// virtio-net interfaces.
+    pub net: Option<Vec<NetConfig>>,
+    /// A virtio-rng device.
+    pub rng: Option<bool>,
+    /// A virtio-console device.
+    pub console: Option<ConsoleConfig>,
 }
 
 impl PartialConfig {
@@ -263,6 +275,10 @@ impl PartialConfig {
             memory: self.memory.or(base.memory),
             serial: self.serial.or(base.serial),
             entry: self.entry.or(base.entry),
+            disk: self.disk.or(base.disk),
+            net: self.net.or(base.net),
+            rng: self.rng.or(base.rng),
+            console: self.console.or(base.console),
         }
     }
 }
@@ -284,6 +300,14 @@ pub struct VmConfig {
     pub serial: SerialConfig,
     /// Kernel entry point.
     pub entry: BootEntry,
+    /// virtio-blk disks.
+    pub disks: Vec<DiskConfig>,
+    /// virtio-net interfaces.
+    pub nets: Vec<NetConfig>,
+    /// Whether the VM has a virtio-rng device.
+    pub rng: bool,
+    /// The virtio console, if any.
+    pub console: Option<ConsoleConfig>,
 }
 
 impl TryFrom<PartialConfig> for VmConfig {
@@ -338,6 +362,23 @@ impl TryFrom<PartialConfig> for VmConfig {
                 ),
             ));
         }
+        for d in p.disk.iter().flatten() {
+            d.validate()
+                .map_err(|reason| invalid("--disk", d.path.display(), reason))?;
+        }
+        for n in p.net.iter().flatten() {
+            n.validate()
+                .map_err(|reason| invalid("--net", &n.tap, reason))?;
+        }
+        if matches!(p.console, Some(ConsoleConfig::Stdio))
+            && matches!(p.serial, None | Some(SerialConfig::Stdio))
+        {
+            return Err(invalid(
+                "--console",
+                "stdio",
+                "the serial port already uses stdio; give it --serial file:PATH or none",
+            ));
+        }
         if cmdline.contains('\0') {
             return Err(invalid("--cmdline", &cmdline, "contains a NUL byte"));
         }
@@ -349,6 +390,10 @@ impl TryFrom<PartialConfig> for VmConfig {
             memory,
             serial: p.serial.unwrap_or_default(),
             entry: p.entry.unwrap_or_default(),
+            disks: p.disk.unwrap_or_default(),
+            nets: p.net.unwrap_or_default(),
+            rng: p.rng.unwrap_or(false),
+            console: p.console,
         })
     }
 }

@@ -1,0 +1,417 @@
+//! Device settings: `--disk`, `--net`, `--console`, given as `key=value,key=value` on the
+//! command line or as tables in the config file (`[[disk]]`, `[[net]]`).
+
+use std::fmt;
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+/// Most queues a multi-queue device may have.
+pub const MAX_QUEUES: u16 = 16;
+/// virtio-blk serial numbers are at most this many bytes (VIRTIO_BLK_ID_BYTES).
+pub const MAX_SERIAL_LEN: usize = 20;
+
+/// How a virtio device reaches the guest.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    /// virtio-pci (modern), found by PCI enumeration.
+    #[default]
+    Pci,
+    /// virtio-mmio, announced on the kernel command line.
+    Mmio,
+}
+
+/// Disk image format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DiskFormat {
+    /// Raw bytes.
+    Raw,
+    /// QEMU copy-on-write v2/v3.
+    Qcow2,
+}
+
+/// One `--disk`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskConfig {
+    /// Image file or block device.
+    pub path: PathBuf,
+    /// The guest may not write.
+    #[serde(default)]
+    pub readonly: bool,
+    /// Serial number the guest reads (at most 20 bytes).
+    #[serde(default)]
+    pub serial: Option<String>,
+    /// Bypass the host page cache (O_DIRECT).
+    #[serde(default)]
+    pub direct: bool,
+    /// Number of request queues.
+    #[serde(default = "one")]
+    pub queues: u16,
+    /// Image format; probed from the file when absent.
+    #[serde(default)]
+    pub format: Option<DiskFormat>,
+    /// Transport.
+    #[serde(default)]
+    pub transport: Transport,
+}
+
+/// A MAC address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MacAddr(pub [u8; 6]);
+
+impl FromStr for MacAddr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let parts: Vec<&str> = s.split(':').collect();
+        if parts.len() != 6 {
+            return Err(format!(
+                "MAC address {s:?} must be six hex bytes like 52:54:00:12:34:56"
+            ));
+        }
+        let mut mac = [0u8; 6];
+        for (b, p) in mac.iter_mut().zip(&parts) {
+            if p.len() != 2 {
+                return Err(format!("MAC address {s:?}: {p:?} is not two hex digits"));
+            }
+            *b = u8::from_str_radix(p, 16)
+                .map_err(|_| format!("MAC address {s:?}: {p:?} is not hex"))?;
+        }
+        if mac[0] & 1 != 0 {
+            return Err(format!("MAC address {s:?} is a multicast address"));
+        }
+        Ok(MacAddr(mac))
+    }
+}
+
+impl fmt::Display for MacAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let m = self.0;
+        write!(
+            f,
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            m[0], m[1], m[2], m[3], m[4], m[5]
+        )
+    }
+}
+
+impl Serialize for MacAddr {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for MacAddr {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// One `--net`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetConfig {
+    /// Host tap interface (created if it does not exist).
+    pub tap: String,
+    /// Guest MAC address; a locally administered one is made up when absent.
+    #[serde(default)]
+    pub mac: Option<MacAddr>,
+    /// Number of queue pairs.
+    #[serde(default = "one")]
+    pub queues: u16,
+    /// Transport.
+    #[serde(default)]
+    pub transport: Transport,
+}
+
+/// Where the virtio console goes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(into = "String")]
+pub enum ConsoleConfig {
+    /// Standard input and output.
+    Stdio,
+    /// Output appended to a file.
+    File(PathBuf),
+    /// A unix socket kiln listens on; one client at a time.
+    Socket(PathBuf),
+}
+
+impl FromStr for ConsoleConfig {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let path = |p: &str, kind: &str| {
+            if p.is_empty() {
+                Err(format!("{kind}: needs a path, as in {kind}:/tmp/console"))
+            } else {
+                Ok(PathBuf::from(p))
+            }
+        };
+        if s == "stdio" {
+            Ok(Self::Stdio)
+        } else if let Some(p) = s.strip_prefix("file:") {
+            path(p, "file").map(Self::File)
+        } else if let Some(p) = s.strip_prefix("socket:") {
+            path(p, "socket").map(Self::Socket)
+        } else {
+            Err("expected stdio, file:PATH or socket:PATH".into())
+        }
+    }
+}
+
+impl From<ConsoleConfig> for String {
+    fn from(c: ConsoleConfig) -> String {
+        match c {
+            ConsoleConfig::Stdio => "stdio".into(),
+            ConsoleConfig::File(p) => format!("file:{}", p.display()),
+            ConsoleConfig::Socket(p) => format!("socket:{}", p.display()),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for ConsoleConfig {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+fn one() -> u16 {
+    1
+}
+
+/// Splits `key=value,key=value`; values may not contain commas.
+fn pairs(spec: &str) -> Result<Vec<(&str, &str)>, String> {
+    spec.split(',')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            p.split_once('=')
+                .ok_or_else(|| format!("{p:?} is not key=value"))
+        })
+        .collect()
+}
+
+fn on_off(key: &str, v: &str) -> Result<bool, String> {
+    match v {
+        "on" | "true" | "yes" => Ok(true),
+        "off" | "false" | "no" => Ok(false),
+        _ => Err(format!("{key}={v}: expected on or off")),
+    }
+}
+
+fn queues(v: &str) -> Result<u16, String> {
+    match v.parse::<u16>() {
+        Ok(n) if (1..=MAX_QUEUES).contains(&n) => Ok(n),
+        _ => Err(format!("queues={v}: expected 1 to {MAX_QUEUES}")),
+    }
+}
+
+fn transport(v: &str) -> Result<Transport, String> {
+    match v {
+        "pci" => Ok(Transport::Pci),
+        "mmio" => Ok(Transport::Mmio),
+        _ => Err(format!("transport={v}: expected pci or mmio")),
+    }
+}
+
+impl FromStr for DiskConfig {
+    type Err = String;
+
+    fn from_str(spec: &str) -> Result<Self, String> {
+        let mut d = DiskConfig {
+            path: PathBuf::new(),
+            readonly: false,
+            serial: None,
+            direct: false,
+            queues: 1,
+            format: None,
+            transport: Transport::Pci,
+        };
+        let mut have_path = false;
+        for (k, v) in pairs(spec)? {
+            match k {
+                "path" => {
+                    d.path = PathBuf::from(v);
+                    have_path = !v.is_empty();
+                }
+                "readonly" => d.readonly = on_off(k, v)?,
+                "serial" => d.serial = Some(v.to_string()),
+                "direct" => d.direct = on_off(k, v)?,
+                "queues" => d.queues = queues(v)?,
+                "format" => {
+                    d.format = Some(match v {
+                        "raw" => DiskFormat::Raw,
+                        "qcow2" => DiskFormat::Qcow2,
+                        _ => return Err(format!("format={v}: expected raw or qcow2")),
+                    })
+                }
+                "transport" => d.transport = transport(v)?,
+                _ => {
+                    return Err(format!(
+                        "unknown option {k:?} (options: path, readonly, serial, direct, queues, format, transport)"
+                    ))
+                }
+            }
+        }
+        if !have_path {
+            return Err("path=FILE is required".into());
+        }
+        d.validate()?;
+        Ok(d)
+    }
+}
+
+impl DiskConfig {
+    /// Checks values that the file form can also get wrong.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.path.as_os_str().is_empty() {
+            return Err("path is empty".into());
+        }
+        if let Some(s) = &self.serial {
+            if s.len() > MAX_SERIAL_LEN {
+                return Err(format!("serial={s}: at most {MAX_SERIAL_LEN} bytes"));
+            }
+        }
+        if !(1..=MAX_QUEUES).contains(&self.queues) {
+            return Err(format!(
+                "queues={}: expected 1 to {MAX_QUEUES}",
+                self.queues
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl FromStr for NetConfig {
+    type Err = String;
+
+    fn from_str(spec: &str) -> Result<Self, String> {
+        let mut n = NetConfig {
+            tap: String::new(),
+            mac: None,
+            queues: 1,
+            transport: Transport::Pci,
+        };
+        for (k, v) in pairs(spec)? {
+            match k {
+                "tap" => n.tap = v.to_string(),
+                "mac" => n.mac = Some(v.parse()?),
+                "queues" => n.queues = queues(v)?,
+                "transport" => n.transport = transport(v)?,
+                _ => {
+                    return Err(format!(
+                        "unknown option {k:?} (options: tap, mac, queues, transport)"
+                    ))
+                }
+            }
+        }
+        n.validate()?;
+        Ok(n)
+    }
+}
+
+impl NetConfig {
+    /// Checks values that the file form can also get wrong.
+    pub fn validate(&self) -> Result<(), String> {
+        // IFNAMSIZ is 16 including the NUL.
+        if self.tap.is_empty() || self.tap.len() > 15 || self.tap.contains(['/', ' ', '\0']) {
+            return Err(format!(
+                "tap={:?}: a tap name is 1 to 15 characters, without '/' or spaces",
+                self.tap
+            ));
+        }
+        if !(1..=MAX_QUEUES).contains(&self.queues) {
+            return Err(format!(
+                "queues={}: expected 1 to {MAX_QUEUES}",
+                self.queues
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn disk_spec_parses_every_option() {
+        let d: DiskConfig =
+            "path=/img/a.raw,readonly=on,serial=abc,direct=on,queues=4,format=qcow2,transport=mmio"
+                .parse()
+                .unwrap();
+        assert_eq!(d.path, PathBuf::from("/img/a.raw"));
+        assert!(d.readonly && d.direct);
+        assert_eq!((d.queues, d.serial.as_deref()), (4, Some("abc")));
+        assert_eq!(
+            (d.format, d.transport),
+            (Some(DiskFormat::Qcow2), Transport::Mmio)
+        );
+    }
+
+    #[test]
+    fn disk_spec_errors_name_the_problem() {
+        let cases = [
+            ("readonly=on", "path=FILE is required"),
+            ("path=/a,bogus=1", "unknown option \"bogus\""),
+            ("path=/a,readonly=maybe", "readonly=maybe"),
+            ("path=/a,queues=0", "queues=0"),
+            ("path=/a,queues=99", "queues=99"),
+            ("path=/a,serial=012345678901234567890", "at most 20 bytes"),
+            ("path=/a,format=vmdk", "format=vmdk"),
+            ("/just/a/path", "is not key=value"),
+        ];
+        for (spec, want) in cases {
+            let e = spec.parse::<DiskConfig>().unwrap_err();
+            assert!(e.contains(want), "{spec}: {e}");
+        }
+    }
+
+    #[test]
+    fn net_spec_and_mac() {
+        let n: NetConfig = "tap=kiln0,mac=52:54:00:12:34:56,queues=2".parse().unwrap();
+        assert_eq!(n.mac.unwrap().to_string(), "52:54:00:12:34:56");
+        assert_eq!(n.queues, 2);
+        assert!("tap=".parse::<NetConfig>().unwrap_err().contains("tap"));
+        assert!("tap=a/b".parse::<NetConfig>().is_err());
+        assert!("tap=t,mac=01:00:00:00:00:00"
+            .parse::<NetConfig>()
+            .unwrap_err()
+            .contains("multicast"));
+        assert!("tap=t,mac=zz:00:00:00:00:00"
+            .parse::<NetConfig>()
+            .unwrap_err()
+            .contains("not hex"));
+        assert!("mac=52:54:00:12:34:56".parse::<NetConfig>().is_err());
+    }
+
+    #[test]
+    fn console_spec() {
+        assert_eq!(
+            "socket:/tmp/c".parse::<ConsoleConfig>(),
+            Ok(ConsoleConfig::Socket("/tmp/c".into()))
+        );
+        assert!("socket:".parse::<ConsoleConfig>().is_err());
+        assert!("tcp:1".parse::<ConsoleConfig>().is_err());
+    }
+
+    #[test]
+    fn file_form_uses_the_same_schema() {
+        let d: DiskConfig = toml::from_str("path = \"/a\"\nreadonly = true\nqueues = 2\n").unwrap();
+        assert_eq!(
+            (d.readonly, d.queues, d.transport),
+            (true, 2, Transport::Pci)
+        );
+        assert!(toml::from_str::<DiskConfig>("path = \"/a\"\nro = true\n").is_err());
+        let n: NetConfig =
+            serde_json::from_str(r#"{"tap": "t0", "mac": "52:54:00:00:00:01"}"#).unwrap();
+        assert_eq!(n.mac, Some(MacAddr([0x52, 0x54, 0, 0, 0, 1])));
+    }
+}
