@@ -14,6 +14,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+pub mod aio;
 pub mod crypto;
 mod fileio;
 pub mod qcow2;
