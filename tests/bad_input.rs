@@ -45,15 +45,7 @@ fn no_kernel_at_all() {
 fn random_file_as_kernel() {
     common::require_kvm();
     let path = std::env::temp_dir().join(format!("kiln-random-kernel-{}", std::process::id()));
-    let mut state = 0x1234_5678_9abc_def0u64;
-    let bytes: Vec<u8> = (0..65536)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state.to_le_bytes()[0]
-        })
-        .collect();
+    let bytes = common::pseudo_random_bytes(65536, 0x1234_5678_9abc_def0u64);
     std::fs::write(&path, bytes).unwrap();
     let (code, err) = kiln_err(&["run", "--kernel", path.to_str().unwrap()]);
     std::fs::remove_file(&path).unwrap();

@@ -314,15 +314,7 @@ fn fnv1a(data: &[u8]) -> u64 {
 #[test]
 fn initrd_arrives_byte_for_byte_through_both_entries() {
     let path = std::env::temp_dir().join(format!("kiln-test-initrd-{}", std::process::id()));
-    let mut state = 0x9e37_79b9_7f4a_7c15u64;
-    let data: Vec<u8> = (0..3_000_001)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state.to_le_bytes()[0]
-        })
-        .collect();
+    let data = common::pseudo_random_bytes(3_000_001, 0x9e37_79b9_7f4a_7c15u64);
     std::fs::write(&path, &data).unwrap();
     let want = format!("size={} fnv1a={:#018x}", data.len(), fnv1a(&data));
     for entry in ["pvh", "linux64"] {

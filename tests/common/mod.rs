@@ -256,6 +256,20 @@ impl ProbeRun {
     }
 }
 
+/// `len` pseudo-random bytes (xorshift64 from `seed`): test data that compresses badly and
+/// is the same on every run.
+pub fn pseudo_random_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut state = seed | 1;
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state.to_le_bytes()[0]
+        })
+        .collect()
+}
+
 /// Only one huge-memory VM at a time: KVM may need gigabytes of host memory for each.
 pub fn big_vm_lock() -> std::sync::MutexGuard<'static, ()> {
     static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());

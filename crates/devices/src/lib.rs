@@ -32,6 +32,24 @@ pub trait ExitHandle: Send + Sync {
 /// Shared handle to the VM's exit handler.
 pub type SharedExitHandle = Arc<dyn ExitHandle>;
 
+/// Test helpers shared by the device tests.
+#[cfg(test)]
+pub(crate) mod test_util {
+    use std::sync::Mutex;
+
+    use crate::{ExitHandle, ExitRequest};
+
+    /// Records every exit request a device makes.
+    #[derive(Default)]
+    pub struct Exits(pub Mutex<Vec<ExitRequest>>);
+
+    impl ExitHandle for Exits {
+        fn request(&self, r: ExitRequest) {
+            self.0.lock().unwrap().push(r);
+        }
+    }
+}
+
 /// An edge-triggered interrupt line: an eventfd the VMM registers as a KVM irqfd.
 #[derive(Debug)]
 pub struct IrqLine(EventFd);

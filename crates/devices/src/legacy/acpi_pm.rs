@@ -140,15 +140,9 @@ impl BusDevice for AcpiPm {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::{Arc, Mutex};
+    use std::sync::Arc;
 
-    #[derive(Default)]
-    struct Exits(Mutex<Vec<ExitRequest>>);
-    impl crate::ExitHandle for Exits {
-        fn request(&self, r: ExitRequest) {
-            self.0.lock().unwrap().push(r);
-        }
-    }
+    use crate::test_util::Exits;
 
     fn dev() -> (AcpiPm, Arc<Exits>) {
         let e = Arc::new(Exits::default());

@@ -214,15 +214,9 @@ impl BusDevice for I8042 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::{Arc, Mutex};
+    use std::sync::Arc;
 
-    #[derive(Default)]
-    struct Exits(Mutex<Vec<ExitRequest>>);
-    impl crate::ExitHandle for Exits {
-        fn request(&self, r: ExitRequest) {
-            self.0.lock().unwrap().push(r);
-        }
-    }
+    use crate::test_util::Exits;
 
     fn dev() -> (I8042, Arc<Exits>) {
         let exits = Arc::new(Exits::default());
