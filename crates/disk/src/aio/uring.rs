@@ -1,0 +1,485 @@
+//! The io_uring engine for raw files and host block devices.
+//!
+//! Reads and writes go to the kernel as READV/WRITEV straight from and into the caller's
+//! buffers (guest memory); flush is FSYNC(DATASYNC); discard and write-zeroes are FALLOCATE
+//! (BLKDISCARD for discard on a block device, done synchronously). With O_DIRECT, buffers
+//! that are not aligned to what the file needs go through an aligned bounce buffer. Short
+//! transfers are resubmitted for the remainder.
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::Arc;
+
+use io_uring::{opcode, types, IoUring};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::align::{copy_from_iovecs, copy_to_iovecs, iovecs_aligned, AlignedBuf};
+use super::{iovecs_len, new_eventfd, AioError, AsyncIo, Completion};
+
+/// `_IO(0x12, 119)`: discard a byte range of a block device.
+const BLKDISCARD: libc::Ioctl = 0x1277;
+
+/// What the engine's file is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum FileKind {
+    /// A regular file.
+    Regular,
+    /// A host block device.
+    BlockDevice,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Op {
+    Read,
+    Write,
+    Flush,
+    Discard,
+    WriteZeroes { unmap: bool },
+}
+
+/// One request in flight; slots never move while the kernel may read their iovecs.
+struct Slot {
+    user_data: u64,
+    op: Op,
+    offset: u64,
+    /// Byte length (fallocate operations).
+    len: u64,
+    /// What the kernel transfers into or from (the caller's buffers or the bounce buffer),
+    /// advanced past what a short transfer already moved.
+    iovecs: Vec<libc::iovec>,
+    /// The caller's buffers when a bounce buffer stands in for them.
+    guest: Vec<libc::iovec>,
+    bounce: Option<AlignedBuf>,
+    total: usize,
+    done: usize,
+}
+
+impl Slot {
+    fn empty() -> Self {
+        Slot {
+            user_data: 0,
+            op: Op::Flush,
+            offset: 0,
+            len: 0,
+            iovecs: Vec::new(),
+            guest: Vec::new(),
+            bounce: None,
+            total: 0,
+            done: 0,
+        }
+    }
+}
+
+/// io_uring on a raw file or block device.
+pub struct UringEngine {
+    ring: IoUring,
+    file: Arc<File>,
+    kind: FileKind,
+    /// Memory alignment the file needs (O_DIRECT), if any.
+    align: Option<usize>,
+    evt: EventFd,
+    slots: Vec<Slot>,
+    free: Vec<usize>,
+    /// Completions produced without the kernel ring (synchronous operations).
+    ready: VecDeque<Completion>,
+    unsubmitted: bool,
+}
+
+// SAFETY: the raw pointers in the slots' iovecs refer to memory the caller promised (through
+// the unsafe read/write methods) stays valid until completion; nothing in them is tied to the
+// thread that queued the request. The ring itself is Send.
+unsafe impl Send for UringEngine {}
+
+impl UringEngine {
+    /// An engine for `file` with room for `depth` requests in flight. `align` is the memory
+    /// and length alignment O_DIRECT needs (`None` for buffered files).
+    pub(crate) fn new(
+        file: Arc<File>,
+        kind: FileKind,
+        align: Option<usize>,
+        depth: usize,
+    ) -> Result<Self, AioError> {
+        let depth = depth.clamp(1, 4096);
+        let entries = u32::try_from(depth.next_power_of_two()).unwrap_or(4096);
+        let ring = IoUring::builder()
+            .setup_cqsize(entries * 2)
+            .build(entries)
+            .map_err(AioError::Uring)?;
+        let evt = new_eventfd()?;
+        ring.submitter()
+            .register_eventfd(evt.as_raw_fd())
+            .map_err(AioError::Uring)?;
+        let slots: Vec<Slot> = (0..depth).map(|_| Slot::empty()).collect();
+        Ok(UringEngine {
+            ring,
+            file,
+            kind,
+            align,
+            evt,
+            free: (0..depth).rev().collect(),
+            slots,
+            ready: VecDeque::new(),
+            unsubmitted: false,
+        })
+    }
+
+    /// Whether io_uring can be set up here at all.
+    pub fn available() -> bool {
+        IoUring::new(2).is_ok()
+    }
+
+    fn fd(&self) -> types::Fd {
+        types::Fd(self.file.as_raw_fd())
+    }
+
+    fn take_slot(&mut self, user_data: u64, op: Op) -> Result<usize, AioError> {
+        let idx = self
+            .free
+            .pop()
+            .ok_or(AioError::QueueFull(self.slots.len()))?;
+        let s = &mut self.slots[idx];
+        s.user_data = user_data;
+        s.op = op;
+        s.offset = 0;
+        s.len = 0;
+        s.iovecs.clear();
+        s.guest.clear();
+        s.bounce = None;
+        s.total = 0;
+        s.done = 0;
+        Ok(idx)
+    }
+
+    fn release(&mut self, idx: usize) -> u64 {
+        let s = &mut self.slots[idx];
+        s.bounce = None;
+        self.free.push(idx);
+        s.user_data
+    }
+
+    /// Pushes the kernel request for slot `idx` (its remaining part, after a short transfer).
+    fn push(&mut self, idx: usize) -> Result<(), AioError> {
+        let fd = self.fd();
+        let s = &self.slots[idx];
+        let user_data = idx as u64;
+        let entry = match s.op {
+            Op::Read | Op::Write => {
+                let n = u32::try_from(s.iovecs.len())
+                    .map_err(|_| AioError::TooManySegments(s.iovecs.len()))?;
+                let off = s.offset + s.done as u64;
+                if s.op == Op::Read {
+                    opcode::Readv::new(fd, s.iovecs.as_ptr(), n)
+                        .offset(off)
+                        .build()
+                } else {
+                    opcode::Writev::new(fd, s.iovecs.as_ptr(), n)
+                        .offset(off)
+                        .build()
+                }
+            }
+            Op::Flush => opcode::Fsync::new(fd)
+                .flags(types::FsyncFlags::DATASYNC)
+                .build(),
+            Op::Discard | Op::WriteZeroes { unmap: true } => opcode::Fallocate::new(fd, s.len)
+                .offset(s.offset)
+                .mode(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE)
+                .build(),
+            Op::WriteZeroes { unmap: false } => opcode::Fallocate::new(fd, s.len)
+                .offset(s.offset)
+                .mode(libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE)
+                .build(),
+        }
+        .user_data(user_data);
+        // SAFETY: the entry points at the slot's iovec array (stable: slots never move and the
+        // Vec is not touched until completion) and at caller memory valid until completion
+        // (the read/write contract). Fallocate and fsync carry no pointers.
+        if unsafe { self.ring.submission().push(&entry) }.is_err() {
+            // The submission ring is full: start what is queued, then retry once.
+            self.ring.submit().map_err(AioError::Submit)?;
+            // SAFETY: as above.
+            unsafe { self.ring.submission().push(&entry) }
+                .map_err(|_| AioError::QueueFull(self.slots.len()))?;
+        }
+        self.unsubmitted = true;
+        Ok(())
+    }
+
+    /// Queues a read or write; `iovecs` as the trait's contract says.
+    fn queue_rw(
+        &mut self,
+        op: Op,
+        offset: u64,
+        iovecs: &[libc::iovec],
+        user_data: u64,
+    ) -> Result<(), AioError> {
+        if iovecs.len() > usize::try_from(libc::UIO_MAXIOV).unwrap_or(1024) {
+            return Err(AioError::TooManySegments(iovecs.len()));
+        }
+        let total = iovecs_len(iovecs).ok_or(AioError::TooManySegments(iovecs.len()))?;
+        let idx = self.take_slot(user_data, op)?;
+        let bounce = match self.align {
+            Some(a) if !iovecs_aligned(iovecs, a) => {
+                let Some(buf) = AlignedBuf::new(total.div_ceil(a) * a, a) else {
+                    self.complete_now(idx, Err(io::Error::from(io::ErrorKind::OutOfMemory)));
+                    return Ok(());
+                };
+                Some(buf)
+            }
+            _ => None,
+        };
+        let s = &mut self.slots[idx];
+        s.offset = offset;
+        s.total = total;
+        match bounce {
+            Some(mut buf) => {
+                if op == Op::Write {
+                    // SAFETY: the caller guarantees the iovecs are readable (write contract);
+                    // the bounce buffer is our own allocation.
+                    unsafe { copy_from_iovecs(iovecs, buf.as_mut_slice()) };
+                }
+                s.guest.extend_from_slice(iovecs);
+                s.iovecs.push(libc::iovec {
+                    iov_base: buf.as_mut_ptr().cast(),
+                    iov_len: total,
+                });
+                s.bounce = Some(buf);
+            }
+            None => s.iovecs.extend_from_slice(iovecs),
+        }
+        if total == 0 {
+            self.complete_now(idx, Ok(0));
+            return Ok(());
+        }
+        self.push(idx)
+    }
+
+    fn queue_fallocate(
+        &mut self,
+        op: Op,
+        offset: u64,
+        len: u64,
+        user_data: u64,
+    ) -> Result<(), AioError> {
+        let idx = self.take_slot(user_data, op)?;
+        self.slots[idx].offset = offset;
+        self.slots[idx].len = len;
+        if len == 0 {
+            self.complete_now(idx, Ok(0));
+            return Ok(());
+        }
+        if op == Op::Discard && self.kind == FileKind::BlockDevice {
+            let r = blk_discard(&self.file, offset, len).map(|()| 0);
+            self.complete_now(idx, r);
+            return Ok(());
+        }
+        self.push(idx)
+    }
+
+    /// Completes slot `idx` without the kernel ring and wakes the poller.
+    fn complete_now(&mut self, idx: usize, result: io::Result<usize>) {
+        let user_data = self.release(idx);
+        self.ready.push_back(Completion { user_data, result });
+        // A failed eventfd write only delays the wake-up until the next poll.
+        let _ = self.evt.write(1);
+    }
+
+    /// Handles one kernel completion; `None` when the request goes on (short transfer).
+    fn finish(&mut self, idx: usize, res: i32) -> Option<Completion> {
+        let op = self.slots[idx].op;
+        let result = match op {
+            Op::Read | Op::Write => match self.advance(idx, res) {
+                Ok(true) => return None,
+                Ok(false) => Ok(self.slots[idx].total),
+                Err(e) => Err(e),
+            },
+            Op::Flush => errno_result(res).map(|_| 0),
+            Op::Discard => match errno_result(res) {
+                // Discard is a hint: a file system that cannot punch holes keeps the data.
+                Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => Ok(0),
+                r => r.map(|_| 0),
+            },
+            Op::WriteZeroes { .. } => match errno_result(res) {
+                Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+                    let s = &self.slots[idx];
+                    write_zeroes_sync(&self.file, s.offset, s.len, self.align).map(|()| 0)
+                }
+                r => r.map(|_| 0),
+            },
+        };
+        if op == Op::Read && result.is_ok() {
+            let s = &self.slots[idx];
+            if let Some(buf) = &s.bounce {
+                // SAFETY: the caller guarantees the guest iovecs stay writable until this
+                // completion is collected (read contract); the bounce buffer is ours.
+                unsafe { copy_to_iovecs(&s.guest, &buf.as_slice()[..s.total]) };
+            }
+        }
+        let user_data = self.release(idx);
+        Some(Completion { user_data, result })
+    }
+
+    /// Accounts `res` bytes of a read/write; `Ok(true)` when a remainder was resubmitted.
+    fn advance(&mut self, idx: usize, res: i32) -> io::Result<bool> {
+        let n = usize::try_from(errno_result(res)?).unwrap_or(0);
+        let s = &mut self.slots[idx];
+        s.done += n;
+        if s.done >= s.total {
+            return Ok(false);
+        }
+        if n == 0 {
+            if s.op == Op::Write {
+                return Err(io::Error::from(io::ErrorKind::WriteZero));
+            }
+            // Reading at end of file: what lies beyond reads as zeroes, as in a sparse file.
+            zero_iovecs_from(&mut s.iovecs, 0);
+            return Ok(false);
+        }
+        skip_iovecs(&mut s.iovecs, n);
+        self.push(idx)
+            .map_err(|e| io::Error::other(e.to_string()))?;
+        self.submit().map_err(|e| io::Error::other(e.to_string()))?;
+        Ok(true)
+    }
+}
+
+impl AsyncIo for UringEngine {
+    fn notifier(&self) -> RawFd {
+        self.evt.as_raw_fd()
+    }
+
+    fn depth(&self) -> usize {
+        self.slots.len()
+    }
+
+    fn in_flight(&self) -> usize {
+        self.slots.len() - self.free.len() + self.ready.len()
+    }
+
+    unsafe fn read_vectored(
+        &mut self,
+        offset: u64,
+        iovecs: &[libc::iovec],
+        user_data: u64,
+    ) -> Result<(), AioError> {
+        self.queue_rw(Op::Read, offset, iovecs, user_data)
+    }
+
+    unsafe fn write_vectored(
+        &mut self,
+        offset: u64,
+        iovecs: &[libc::iovec],
+        user_data: u64,
+    ) -> Result<(), AioError> {
+        self.queue_rw(Op::Write, offset, iovecs, user_data)
+    }
+
+    fn flush(&mut self, user_data: u64) -> Result<(), AioError> {
+        let idx = self.take_slot(user_data, Op::Flush)?;
+        self.push(idx)
+    }
+
+    fn discard(&mut self, offset: u64, len: u64, user_data: u64) -> Result<(), AioError> {
+        self.queue_fallocate(Op::Discard, offset, len, user_data)
+    }
+
+    fn write_zeroes(
+        &mut self,
+        offset: u64,
+        len: u64,
+        unmap: bool,
+        user_data: u64,
+    ) -> Result<(), AioError> {
+        self.queue_fallocate(Op::WriteZeroes { unmap }, offset, len, user_data)
+    }
+
+    fn submit(&mut self) -> Result<(), AioError> {
+        if !self.unsubmitted {
+            return Ok(());
+        }
+        loop {
+            match self.ring.submit() {
+                Ok(_) => break,
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+                Err(e) => return Err(AioError::Submit(e)),
+            }
+        }
+        self.unsubmitted = false;
+        Ok(())
+    }
+
+    fn next_completion(&mut self) -> Option<Completion> {
+        if let Some(c) = self.ready.pop_front() {
+            return Some(c);
+        }
+        loop {
+            let cqe = self.ring.completion().next()?;
+            let idx = usize::try_from(cqe.user_data()).ok()?;
+            if idx >= self.slots.len() {
+                continue;
+            }
+            if let Some(c) = self.finish(idx, cqe.result()) {
+                return Some(c);
+            }
+        }
+    }
+}
+
+fn errno_result(res: i32) -> io::Result<u32> {
+    u32::try_from(res).map_err(|_| io::Error::from_raw_os_error(res.saturating_neg()))
+}
+
+/// Drops the first `n` bytes from `iovecs`.
+fn skip_iovecs(iovecs: &mut Vec<libc::iovec>, mut n: usize) {
+    let mut first = 0;
+    for v in iovecs.iter_mut() {
+        if n < v.iov_len {
+            // SAFETY: n < iov_len, so the new base stays inside the same buffer.
+            v.iov_base = unsafe { v.iov_base.cast::<u8>().add(n) }.cast();
+            v.iov_len -= n;
+            break;
+        }
+        n -= v.iov_len;
+        first += 1;
+    }
+    iovecs.drain(..first);
+}
+
+/// Zeroes what `iovecs` still describe after skipping `skip` bytes.
+fn zero_iovecs_from(iovecs: &mut Vec<libc::iovec>, skip: usize) {
+    skip_iovecs(iovecs, skip);
+    for v in iovecs.iter() {
+        // SAFETY: the iovecs describe writable memory valid until completion (read contract).
+        unsafe { std::ptr::write_bytes(v.iov_base.cast::<u8>(), 0, v.iov_len) };
+    }
+}
+
+/// BLKDISCARD on a block device.
+fn blk_discard(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    let range: [u64; 2] = [offset, len];
+    // SAFETY: BLKDISCARD reads two u64s from the pointer, which lives across the call; the fd
+    // is valid while `file` lives.
+    let rc = unsafe { libc::ioctl(file.as_raw_fd(), BLKDISCARD, range.as_ptr()) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Writes `len` zero bytes at `offset` (for file systems without FALLOC_FL_ZERO_RANGE).
+fn write_zeroes_sync(file: &File, offset: u64, len: u64, align: Option<usize>) -> io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    const CHUNK: usize = 1 << 20;
+    let chunk = usize::try_from(len).map_or(CHUNK, |l| l.min(CHUNK));
+    let buf = AlignedBuf::new(chunk, align.unwrap_or(4096).max(4096))
+        .ok_or_else(|| io::Error::from(io::ErrorKind::OutOfMemory))?;
+    let mut done = 0u64;
+    while done < len {
+        let n = usize::try_from(len - done).map_or(chunk, |r| r.min(chunk));
+        file.write_all_at(&buf.as_slice()[..n], offset + done)?;
+        done += n as u64;
+    }
+    Ok(())
+}
