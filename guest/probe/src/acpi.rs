@@ -17,6 +17,7 @@ const MAX_TABLES: usize = 64;
 const MAX_TABLE_LEN: u32 = 16 << 20;
 /// Enabled CPUs whose APIC ids we keep (more are counted, not kept).
 pub const MAX_CPUS: usize = 4096;
+pub const MAX_IOAPICS: usize = 8;
 
 const FADT_HW_REDUCED_ACPI: u32 = 1 << 20;
 const FADT_RESET_REG_SUP: u32 = 1 << 10;
@@ -66,6 +67,9 @@ impl fmt::Display for PowerOff {
 /// What the MADT says about CPUs.
 pub struct Madt {
     pub lapic_addr: u64,
+    /// I/O APIC MMIO addresses (type 1 entries), the first [`MAX_IOAPICS`].
+    pub ioapics: [u64; MAX_IOAPICS],
+    pub nioapics: usize,
     /// Enabled Local APIC (type 0) plus Local x2APIC (type 9) entries.
     pub enabled: u32,
     ids: [u32; MAX_CPUS],
@@ -75,6 +79,11 @@ impl Madt {
     /// APIC ids of the enabled CPUs (the first MAX_CPUS of them).
     pub fn ids(&self) -> &[u32] {
         &self.ids[..(self.enabled as usize).min(MAX_CPUS)]
+    }
+
+    /// I/O APIC MMIO addresses.
+    pub fn ioapics(&self) -> &[u64] {
+        &self.ioapics[..self.nioapics]
     }
 }
 
@@ -86,6 +95,10 @@ pub struct Acpi {
     pub poweroff: Option<PowerOff>,
     /// FADT reset register and value, when RESET_REG_SUP is set.
     pub reset: Option<(Space, u64, u8)>,
+    /// The MCFG table (address, length), if there is one.
+    pub mcfg: Option<(u64, u32)>,
+    /// The DSDT (address, length), once found through the FADT.
+    pub dsdt: Option<(u64, u32)>,
     /// The first problem found; the check fails if set.
     pub error: Option<Reason>,
 }
@@ -125,7 +138,7 @@ fn mapped(addr: u64, len: u64) -> bool {
 }
 
 /// The bytes at `[addr, addr + len)`; the caller has checked `mapped`.
-fn bytes(addr: u64, len: u32) -> &'static [u8] {
+pub(crate) fn bytes(addr: u64, len: u32) -> &'static [u8] {
     debug_assert!(mapped(addr, u64::from(len)));
     // SAFETY: callers only pass ranges inside the identity-mapped first 4 GiB,
     // which the probe never writes while ACPI data is read.
@@ -172,8 +185,17 @@ fn table(addr: u64) -> Result<([u8; 4], u32), Reason> {
 /// Parses everything, reserving what it reads. Never fails outright: problems
 /// land in `Acpi::error` and whatever was understood is kept.
 pub fn parse(hint: Option<u64>, reserved: &mut Reserved) -> Acpi {
-    let mut acpi =
-        Acpi { rsdp: 0, sigs: [[0; 4]; MAX_TABLES], nsigs: 0, madt: None, poweroff: None, reset: None, error: None };
+    let mut acpi = Acpi {
+        rsdp: 0,
+        sigs: [[0; 4]; MAX_TABLES],
+        nsigs: 0,
+        madt: None,
+        poweroff: None,
+        reset: None,
+        mcfg: None,
+        dsdt: None,
+        error: None,
+    };
     let rsdp = match hint {
         Some(a) if valid_rsdp(a) => a,
         Some(a) => {
@@ -245,6 +267,7 @@ pub fn parse(hint: Option<u64>, reserved: &mut Reserved) -> Acpi {
                 match &sig {
                     b"FACP" => fadt = Some((addr, len)),
                     b"APIC" => acpi.madt = Some(parse_madt(addr, len, &mut acpi)),
+                    b"MCFG" => acpi.mcfg = Some((addr, len)),
                     b"SSDT" if nssdt < ssdts.len() => {
                         ssdts[nssdt] = addr;
                         nssdt += 1;
@@ -266,7 +289,8 @@ pub fn parse(hint: Option<u64>, reserved: &mut Reserved) -> Acpi {
 }
 
 fn parse_madt(addr: u64, len: u32, acpi: &mut Acpi) -> Madt {
-    let mut madt = Madt { lapic_addr: 0xfee0_0000, enabled: 0, ids: [0; MAX_CPUS] };
+    let mut madt =
+        Madt { lapic_addr: 0xfee0_0000, ioapics: [0; MAX_IOAPICS], nioapics: 0, enabled: 0, ids: [0; MAX_CPUS] };
     let b = bytes(addr, len);
     if len < 44 {
         acpi.fail(reason!("MADT too short"));
@@ -285,6 +309,13 @@ fn parse_madt(addr: u64, len: u32, acpi: &mut Acpi) -> Madt {
         let cpu = match kind {
             0 if elen >= 8 => Some((u32::from(e[3]), le32(4))),
             9 if elen >= 16 => Some((le32(4), le32(8))),
+            1 if elen >= 12 => {
+                if madt.nioapics < MAX_IOAPICS {
+                    madt.ioapics[madt.nioapics] = u64::from(le32(4));
+                    madt.nioapics += 1;
+                }
+                None
+            }
             5 if elen >= 12 => {
                 madt.lapic_addr = u64::from_le_bytes(e[4..12].try_into().unwrap_or([0; 8]));
                 None
@@ -333,6 +364,7 @@ fn parse_fadt(addr: u64, len: u32, ssdts: &[u64], reserved: &mut Reserved, acpi:
         Ok((sig, dlen)) if &sig == b"DSDT" => {
             reserved.add(dsdt, u64::from(dlen));
             acpi.push_sig(sig);
+            acpi.dsdt = Some((dsdt, dlen));
             slp_typ = find_s5(&bytes(dsdt, dlen)[36..]);
         }
         Ok((sig, _)) => acpi.fail(reason!("FADT's DSDT pointer leads to {}", Printable(&sig))),

@@ -1,6 +1,7 @@
 //! Kernel command line: `probe.*` options. Other words are ignored.
 //!
-//! - `probe.checks=boot,acpi,smp,mem,cpu,rtc` (default: all)
+//! - `probe.checks=boot,acpi,smp,mem,cpu,rtc,pci,rng,blk,net,console,hostile`
+//!   (default: the first six; the PCI and virtio checks run only when named)
 //! - `probe.mem=full|sample` (default full)
 //! - `probe.cpu_iters=N` (default [`crate::cpu::DEFAULT_ITERS`])
 //! - `probe.smp_timeout_ms=N` (default 10000)
@@ -9,7 +10,10 @@
 //! - `probe.end=poweroff|reset|i8042|triplefault`: how the probe ends after
 //!   the summary (default poweroff): the FADT reset register, the i8042 reset
 //!   line, or a triple fault (tests how a VMM reports each)
+//! - the device options (`probe.blk_*`, `probe.net_*`, `probe.console_*`,
+//!   `probe.hostile*`) are in [`crate::devopts`]
 
+use crate::devopts::DevOptions;
 use crate::fault::Fault;
 use crate::util::Reason;
 use crate::{emit, reason};
@@ -22,11 +26,32 @@ pub enum Check {
     Mem,
     Cpu,
     Rtc,
+    Pci,
+    Rng,
+    Blk,
+    Net,
+    Console,
+    Hostile,
 }
 
 impl Check {
     /// Every check, in the order they run and report.
-    pub const ALL: [Check; 6] = [Check::Boot, Check::Acpi, Check::Smp, Check::Mem, Check::Cpu, Check::Rtc];
+    pub const ALL: [Check; 12] = [
+        Check::Boot,
+        Check::Acpi,
+        Check::Smp,
+        Check::Mem,
+        Check::Cpu,
+        Check::Rtc,
+        Check::Pci,
+        Check::Rng,
+        Check::Blk,
+        Check::Net,
+        Check::Console,
+        Check::Hostile,
+    ];
+    /// The checks that run when `probe.checks` is not given.
+    pub const DEFAULT: [Check; 6] = [Check::Boot, Check::Acpi, Check::Smp, Check::Mem, Check::Cpu, Check::Rtc];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -36,6 +61,12 @@ impl Check {
             Check::Mem => "mem",
             Check::Cpu => "cpu",
             Check::Rtc => "rtc",
+            Check::Pci => "pci",
+            Check::Rng => "rng",
+            Check::Blk => "blk",
+            Check::Net => "net",
+            Check::Console => "console",
+            Check::Hostile => "hostile",
         }
     }
 
@@ -67,6 +98,7 @@ pub struct Options {
     pub smp_timeout_ms: u64,
     pub fault: Option<Fault>,
     pub end: End,
+    pub dev: DevOptions,
 }
 
 /// How the probe ends once the checks are done.
@@ -86,29 +118,42 @@ impl Options {
     pub fn enabled(&self, c: Check) -> bool {
         self.checks & c.bit() != 0
     }
+
+    /// Whether any virtio device check is selected.
+    pub fn needs_virtio(&self) -> bool {
+        [Check::Rng, Check::Blk, Check::Net, Check::Console, Check::Hostile].iter().any(|&c| self.enabled(c))
+    }
+
+    /// Whether any check that needs PCI enumeration is selected.
+    pub fn needs_pci(&self) -> bool {
+        [Check::Pci, Check::Rng, Check::Blk, Check::Net, Check::Console, Check::Hostile]
+            .iter()
+            .any(|&c| self.enabled(c))
+    }
 }
 
 impl Default for Options {
     fn default() -> Self {
         Options {
-            checks: Check::ALL.iter().fold(0, |m, c| m | c.bit()),
+            checks: Check::DEFAULT.iter().fold(0, |m, c| m | c.bit()),
             mem: MemMode::Full,
             cpu_iters: crate::cpu::DEFAULT_ITERS,
             smp_timeout_ms: 10_000,
             fault: None,
             end: End::PowerOff,
+            dev: DevOptions::default(),
         }
     }
 }
 
-fn parse_u64(v: &[u8]) -> Option<u64> {
+pub(crate) fn parse_u64(v: &[u8]) -> Option<u64> {
     if v.is_empty() || v.len() > 19 {
         return None;
     }
     v.iter().try_fold(0u64, |n, &b| b.is_ascii_digit().then(|| n * 10 + u64::from(b - b'0')))
 }
 
-fn show(v: &[u8]) -> &str {
+pub(crate) fn show(v: &[u8]) -> &str {
     core::str::from_utf8(v).unwrap_or("<non-utf8>")
 }
 
@@ -156,7 +201,11 @@ fn apply(opts: &mut Options, key: &[u8], value: Option<&[u8]>) -> Result<(), Rea
                 _ => return Err(reason!("bad value for probe.end: {}", show(v))),
             }
         }
-        _ => return Err(reason!("unknown option probe.{}", show(key))),
+        _ => {
+            if !opts.dev.apply(key, v)? {
+                return Err(reason!("unknown option probe.{}", show(key)));
+            }
+        }
     }
     Ok(())
 }
@@ -188,7 +237,8 @@ mod tests {
     fn defaults_enable_every_check_with_full_memory_test() {
         let (o, fails) = parse(b"console=ttyS0 quiet");
         assert_eq!(fails, 0);
-        assert!(Check::ALL.iter().all(|&c| o.enabled(c)));
+        assert!(Check::DEFAULT.iter().all(|&c| o.enabled(c)));
+        assert!(!o.enabled(Check::Pci) && !o.needs_pci());
         assert_eq!(o.mem, MemMode::Full);
         assert_eq!(o.cpu_iters, crate::cpu::DEFAULT_ITERS);
         assert_eq!(o.smp_timeout_ms, 10_000);

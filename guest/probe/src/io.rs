@@ -49,6 +49,90 @@ pub unsafe fn mmio_write32(addr: u64, value: u32) {
     unsafe { core::ptr::write_volatile(addr as *mut u32, value) }
 }
 
+/// Reads a 16-bit MMIO register.
+///
+/// # Safety
+/// As for [`mmio_read32`], 2-byte aligned.
+#[inline(always)]
+pub unsafe fn mmio_read16(addr: u64) -> u16 {
+    // SAFETY: the caller guarantees `addr` is mapped and 2-byte aligned.
+    unsafe { core::ptr::read_volatile(addr as *const u16) }
+}
+
+/// Reads an 8-bit MMIO register.
+///
+/// # Safety
+/// As for [`mmio_read32`].
+#[inline(always)]
+pub unsafe fn mmio_read8(addr: u64) -> u8 {
+    // SAFETY: the caller guarantees `addr` is mapped.
+    unsafe { core::ptr::read_volatile(addr as *const u8) }
+}
+
+/// Writes a 16-bit MMIO register.
+///
+/// # Safety
+/// As for [`mmio_write32`], 2-byte aligned.
+#[inline(always)]
+pub unsafe fn mmio_write16(addr: u64, value: u16) {
+    // SAFETY: the caller guarantees `addr` is mapped and 2-byte aligned.
+    unsafe { core::ptr::write_volatile(addr as *mut u16, value) }
+}
+
+/// Writes an 8-bit MMIO register.
+///
+/// # Safety
+/// As for [`mmio_write32`].
+#[inline(always)]
+pub unsafe fn mmio_write8(addr: u64, value: u8) {
+    // SAFETY: the caller guarantees `addr` is mapped.
+    unsafe { core::ptr::write_volatile(addr as *mut u8, value) }
+}
+
+/// Writes a 32-bit I/O port.
+///
+/// # Safety
+/// As for [`outb`].
+#[inline(always)]
+pub unsafe fn outl(port: u16, value: u32) {
+    // SAFETY: the caller vouches for the port; `out` touches no memory.
+    unsafe { asm!("out dx, eax", in("dx") port, in("eax") value, options(nomem, nostack, preserves_flags)) }
+}
+
+/// Reads a 32-bit I/O port.
+///
+/// # Safety
+/// As for [`inb`].
+#[inline(always)]
+pub unsafe fn inl(port: u16) -> u32 {
+    let value: u32;
+    // SAFETY: the caller vouches for the port; `in` touches no memory.
+    unsafe { asm!("in eax, dx", in("dx") port, out("eax") value, options(nomem, nostack, preserves_flags)) }
+    value
+}
+
+/// Writes a 16-bit I/O port.
+///
+/// # Safety
+/// As for [`outb`].
+#[inline(always)]
+pub unsafe fn outw(port: u16, value: u16) {
+    // SAFETY: the caller vouches for the port; `out` touches no memory.
+    unsafe { asm!("out dx, ax", in("dx") port, in("ax") value, options(nomem, nostack, preserves_flags)) }
+}
+
+/// Reads a 16-bit I/O port.
+///
+/// # Safety
+/// As for [`inb`].
+#[inline(always)]
+pub unsafe fn inw(port: u16) -> u16 {
+    let value: u16;
+    // SAFETY: the caller vouches for the port; `in` touches no memory.
+    unsafe { asm!("in ax, dx", in("dx") port, out("ax") value, options(nomem, nostack, preserves_flags)) }
+    value
+}
+
 /// Reads the time-stamp counter (CR4.TSD is clear, so ring 3 may).
 #[inline(always)]
 pub fn rdtsc() -> u64 {

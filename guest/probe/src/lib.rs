@@ -20,15 +20,20 @@ compile_error!("the probe must be built without AVX (no -C target-cpu=native): r
 pub mod acpi;
 pub mod boot;
 pub mod bootinfo;
+pub mod clock;
 pub mod cmdline;
 pub mod cpu;
 pub mod cpuloop;
+pub mod devopts;
+pub mod dma;
 pub mod fault;
 #[cfg(not(test))]
 mod intrinsics;
 pub mod io;
 pub mod mem;
 pub mod paging;
+pub mod pci;
+pub mod pcihost;
 pub mod ranges;
 pub mod ring0;
 pub mod rtc;
@@ -36,3 +41,4 @@ pub mod serial;
 pub mod smp;
 pub mod tsc;
 pub mod util;
+pub mod virtio;

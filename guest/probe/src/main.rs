@@ -6,10 +6,12 @@
 #![no_main]
 
 use probe::bootinfo::{self, Entry};
+use probe::clock::Clock;
 use probe::cmdline::{self, Check, End};
+use probe::dma::Dma;
 use probe::ranges::Reserved;
 use probe::util::Printable;
-use probe::{acpi, boot, cpu, emit, mem, paging, ring0, rtc, smp, tsc};
+use probe::{acpi, boot, cpu, emit, mem, paging, pci, reason, ring0, rtc, smp, tsc, virtio};
 
 /// Ring-3 entry, called from asm/ring0.S with the entry kind (0 PVH,
 /// 1 Linux 64-bit) and the boot-info pointer (hvm_start_info or boot_params).
@@ -44,11 +46,19 @@ extern "C" fn probe_main(entry: u64, info: u64) -> ! {
         f.raise();
     }
     let mapped = paging::map_all(boot.e820(), &mut reserved);
-    let tsc = if opts.enabled(Check::Smp) || opts.enabled(Check::Mem) || opts.enabled(Check::Cpu) {
+    let pci = match (opts.needs_pci(), mapped) {
+        (false, _) => Err(reason!("not enumerated")),
+        (true, Ok(top)) => pci::discover(&acpi, boot.e820(), &mut reserved, top),
+        (true, Err(r)) => Err(r),
+    };
+    let needs_virtio = opts.needs_virtio();
+    let mut dma = if needs_virtio { Dma::new(boot.e820(), &mut reserved, opts.dev.dma_bytes()) } else { None };
+    let tsc = if opts.enabled(Check::Smp) || opts.enabled(Check::Mem) || opts.enabled(Check::Cpu) || needs_virtio {
         tsc::calibrate()
     } else {
         None
     };
+    let clock = Clock::new(tsc);
 
     let mut ok = 0;
     let mut fail = cmdline_fails;
@@ -60,6 +70,18 @@ extern "C" fn probe_main(entry: u64, info: u64) -> ! {
             Check::Mem => mem::check(boot.e820(), &reserved, opts.mem, mapped, tsc),
             Check::Cpu => cpu::check(opts.cpu_iters, tsc),
             Check::Rtc => rtc::check(),
+            Check::Pci => pci::check(pci.as_ref(), boot.e820(), &acpi),
+            dev => match (&pci, dma.as_mut()) {
+                (Ok(pci), Some(dma)) => virtio_check(dev, pci, dma, &clock, &opts.dev),
+                (Err(r), _) => {
+                    emit!("PROBE {} fail no PCI: {}", dev.name(), r);
+                    false
+                }
+                (_, None) => {
+                    emit!("PROBE {} fail no RAM below 4 GiB for virtqueues", dev.name());
+                    false
+                }
+            },
         };
         if passed {
             ok += 1;
@@ -91,6 +113,17 @@ extern "C" fn probe_main(entry: u64, info: u64) -> ! {
     // If a reset did not happen, power off so the VMM does not wait forever.
     emit!("PROBE poweroff");
     ring0::poweroff()
+}
+
+/// Runs one of the virtio device checks.
+fn virtio_check(check: Check, pci: &pci::Pci, dma: &mut Dma, clock: &Clock, dev: &probe::devopts::DevOptions) -> bool {
+    match check {
+        Check::Rng => virtio::rng::check(pci, dev.qsize, dma, clock),
+        _ => {
+            emit!("PROBE {} fail not implemented yet", check.name());
+            false
+        }
+    }
 }
 
 #[panic_handler]

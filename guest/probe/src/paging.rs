@@ -105,3 +105,80 @@ pub fn map_all(e820: &[E820Entry], reserved: &mut Reserved) -> Result<u64, Reaso
     }
     Ok(top)
 }
+
+/// Whether `addr` is mapped by the live page tables (identity map).
+pub fn is_mapped(addr: u64) -> bool {
+    let pml4 = ring0::pml4_addr();
+    let entry = |table: u64, idx: u64| -> u64 {
+        // SAFETY: every table the walk visits is in the identity-mapped first
+        // 4 GiB (the static ones in the image, ours allocated below 4 GiB).
+        unsafe { core::ptr::read_volatile((table + idx * 8) as *const u64) }
+    };
+    let e4 = entry(pml4, (addr >> 39) & 511);
+    if e4 & 1 == 0 {
+        return false;
+    }
+    let e3 = entry(e4 & ADDR_MASK, (addr >> 30) & 511);
+    if e3 & 1 == 0 {
+        return false;
+    }
+    if e3 & 0x80 != 0 {
+        return true;
+    }
+    entry(e3 & ADDR_MASK, (addr >> 21) & 511) & 1 != 0
+}
+
+const ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
+
+/// Adds `[start, end)` to the identity map (for MMIO above the RAM that
+/// [`map_all`] mapped: ECAM or 64-bit BARs), with 1 GiB pages when the CPU has
+/// them, else 2 MiB pages. Already-mapped GiBs are left alone. New tables are
+/// filled before they are linked, so each link is one (trapping) write.
+pub fn map_range(start: u64, end: u64, e820: &[E820Entry], reserved: &mut Reserved) -> Result<(), Reason> {
+    if end <= start {
+        return Ok(());
+    }
+    let bits = phys_bits().min(52);
+    if end > (1u64 << bits) {
+        return Err(reason!("{:#x}-{:#x} is beyond the {}-bit physical address width", start, end, bits));
+    }
+    let huge = gib_pages();
+    let pml4 = ring0::pml4_addr();
+    let alloc = |reserved: &mut Reserved| {
+        reserved
+            .alloc(e820, PAGE, 1 << 20, STATIC_GIB * GIB)
+            .ok_or_else(|| reason!("no free RAM below 4 GiB for a page table"))
+    };
+    for gib in start / GIB..end.div_ceil(GIB) {
+        if gib < STATIC_GIB || is_mapped(gib * GIB) {
+            continue;
+        }
+        let slot4 = pml4 + (gib / 512) * 8;
+        // SAFETY: the PML4 is a page of the image; slot4 is one of its entries.
+        let mut e4 = unsafe { core::ptr::read_volatile(slot4 as *const u64) };
+        if e4 & 1 == 0 {
+            let pdpt = alloc(reserved)?;
+            // SAFETY: a fresh page below 4 GiB, reserved for us, not yet a table.
+            unsafe { core::ptr::write_bytes(pdpt as *mut u8, 0, PAGE as usize) };
+            e4 = pdpt | TABLE_FLAGS;
+            // SAFETY: links a zeroed PDPT into an entry that was not present.
+            unsafe { core::ptr::write_volatile(slot4 as *mut u64, e4) };
+        }
+        let slot3 = (e4 & ADDR_MASK) + (gib % 512) * 8;
+        let e3 = if huge {
+            (gib * GIB) | LARGE_FLAGS
+        } else {
+            let pd = alloc(reserved)?;
+            // SAFETY: a fresh page below 4 GiB, reserved for us, not yet a table.
+            let table = unsafe { core::slice::from_raw_parts_mut(pd as *mut u64, 512) };
+            for (i, e) in table.iter_mut().enumerate() {
+                *e = (gib * GIB + (i as u64) * (2 << 20)) | LARGE_FLAGS;
+            }
+            pd | TABLE_FLAGS
+        };
+        // SAFETY: the PDPT is below 4 GiB (static or allocated by us) and this
+        // entry was not present: nothing in use changes translation.
+        unsafe { core::ptr::write_volatile(slot3 as *mut u64, e3) };
+    }
+    Ok(())
+}
