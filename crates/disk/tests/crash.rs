@@ -7,9 +7,11 @@
 // Test code works on small, known sizes; truncating casts are intended there.
 #![allow(clippy::cast_possible_truncation)]
 
+use std::fs::File;
 use std::io::Write;
 use std::path::Path;
 use std::process::Command;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use kiln_disk::qcow2::{CompressionType, CreateOptions};
@@ -40,14 +42,40 @@ fn decode(block: u64, data: &[u8]) -> Result<Option<u64>, String> {
 }
 
 /// The child: random writes, discards, compressed writes and snapshots, flushing now and
-/// then and logging what each flush made durable.
+/// then and logging what each flush made durable. In "threads" mode two threads do this at
+/// once on separate halves of the disk, each logging what its own flushes made durable.
 fn child(img: &Path, log: &Path, seed: u64, mode: &str) {
     let q = Qcow2Image::open(img, &OpenOptions::default()).unwrap();
-    let mut logf = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)
-        .unwrap();
+    let logf = Mutex::new(
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .unwrap(),
+    );
+    if mode == "threads" {
+        std::thread::scope(|s| {
+            for t in 0..2u64 {
+                let (q, logf) = (&q, &logf);
+                let half = BLOCKS / 2;
+                s.spawn(move || child_loop(q, logf, seed ^ (t + 1), mode, t * half, half));
+            }
+        });
+    } else {
+        child_loop(&q, &logf, seed, mode, 0, BLOCKS);
+    }
+}
+
+fn child_loop(q: &Qcow2Image, logf: &Mutex<File>, seed: u64, mode: &str, first: u64, blocks: u64) {
+    let log = |lines: &[String], sync: bool| {
+        let mut f = logf.lock().unwrap();
+        for l in lines {
+            writeln!(f, "{l}").unwrap();
+        }
+        if sync {
+            f.sync_data().unwrap();
+        }
+    };
     let mut x = seed | 1;
     let mut rnd = move || {
         x ^= x << 13;
@@ -56,9 +84,10 @@ fn child(img: &Path, log: &Path, seed: u64, mode: &str) {
         x
     };
     let mut pending: Vec<(u64, u64)> = Vec::new();
+    // Threads write disjoint blocks, so per block the sequence numbers still only grow.
     for seq in 1.. {
         let r = rnd();
-        let block = r % BLOCKS;
+        let block = first + r % blocks;
         match (r >> 32) % 16 {
             0 if mode == "snap" => {
                 let _ = q.snapshot_create(&format!("s{seq}"));
@@ -66,20 +95,23 @@ fn child(img: &Path, log: &Path, seed: u64, mode: &str) {
             1 => {
                 // A discard may reach the disk before the next flush: log the intent first.
                 let start = (block / 16) * 16;
-                for b in start..start + 16 {
-                    writeln!(logf, "{b} discard {seq}").unwrap();
-                }
+                let lines: Vec<String> = (start..start + 16)
+                    .map(|b| format!("{b} discard {seq}"))
+                    .collect();
+                log(&lines, false);
                 q.discard(start * BLOCK as u64, 16 * BLOCK as u64).unwrap();
             }
             2 if mode == "compressed" => {
                 let cl = 65536 / BLOCK as u64;
                 let start = (block / cl) * cl;
                 let mut data = Vec::new();
+                let mut lines = Vec::new();
                 for b in start..start + cl {
-                    writeln!(logf, "{b} discard {seq}").unwrap();
+                    lines.push(format!("{b} discard {seq}"));
                     data.extend_from_slice(&block_data(b, seq));
                     pending.push((b, seq));
                 }
+                log(&lines, false);
                 // Compressed writes need an unallocated cluster: discard first.
                 q.discard(start * BLOCK as u64, 65536).unwrap();
                 if q.write_compressed(start * BLOCK as u64, &data).is_err() {
@@ -88,10 +120,11 @@ fn child(img: &Path, log: &Path, seed: u64, mode: &str) {
             }
             3 | 4 => {
                 q.flush().unwrap();
-                for (b, s) in pending.drain(..) {
-                    writeln!(logf, "{b} durable {s}").unwrap();
-                }
-                logf.sync_data().unwrap();
+                let lines: Vec<String> = pending
+                    .drain(..)
+                    .map(|(b, s)| format!("{b} durable {s}"))
+                    .collect();
+                log(&lines, true);
             }
             _ => {
                 q.write_at(block * BLOCK as u64, &block_data(block, seq))
@@ -163,6 +196,7 @@ fn killed_writers_leave_consistent_images() {
             },
         ),
         ("snap", CreateOptions::default()),
+        ("threads", CreateOptions::default()),
     ];
     let mut seed = 0x1234_5678_9abc_def1u64;
     for round in 0..4 {

@@ -320,6 +320,9 @@ pub(crate) fn chain_status(
     len: u64,
 ) -> Result<ChainStatus, DiskError> {
     let mut len = len;
+    // qemu reports the offset that the last layer asked gives, even for unallocated
+    // subclusters of an allocated cluster.
+    let mut last_offset = None;
     for (depth, dev) in chain.iter().enumerate() {
         if offset >= dev.size() {
             // Past this layer's end: zeroes, reported at the layer above.
@@ -328,7 +331,7 @@ pub(crate) fn chain_status(
                 zero: true,
                 depth: depth.saturating_sub(1),
                 present: false,
-                offset: None,
+                offset: last_offset,
                 data: false,
             });
         }
@@ -353,11 +356,11 @@ pub(crate) fn chain_status(
                     zero: true,
                     depth,
                     present: true,
-                    offset: raw.then_some(offset),
+                    offset: st.host_offset.or(raw.then_some(offset)),
                     data: false,
                 });
             }
-            kiln_disk::ExtentKind::Unallocated => {}
+            kiln_disk::ExtentKind::Unallocated => last_offset = st.host_offset,
         }
     }
     Ok(ChainStatus {
@@ -365,7 +368,7 @@ pub(crate) fn chain_status(
         zero: true,
         depth: chain.len() - 1,
         present: false,
-        offset: None,
+        offset: last_offset,
         data: false,
     })
 }

@@ -259,7 +259,7 @@ impl State {
             total_clusters: self.hdr.size.div_ceil(self.cs),
             ..CheckReport::default()
         };
-        let file_clusters = self.file_len.div_ceil(self.cs);
+        let file_clusters = self.file_len().div_ceil(self.cs);
         let mut cnt = Counter {
             refs: Vec::new(),
             cs_bits: self.cbits,

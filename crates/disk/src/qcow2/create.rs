@@ -260,13 +260,13 @@ fn preallocate(st: &mut State, mode: Prealloc) -> Result<(), Qcow2Error> {
     st.flush()?;
     let end = st.end_cluster << st.cbits;
     st.file
-        .set_len(end.max(st.file_len))
+        .set_len(end.max(st.file_len()))
         .map_err(Qcow2Error::io("extending the image file"))?;
-    st.file_len = st.file_len.max(end);
+    st.note_file_end(end);
     match mode {
         Prealloc::Falloc => {
             use std::os::fd::AsRawFd;
-            let len = i64::try_from(st.file_len).map_err(|_| Qcow2Error::NoSpace)?;
+            let len = i64::try_from(st.file_len()).map_err(|_| Qcow2Error::NoSpace)?;
             // SAFETY: fallocate with integer arguments on a valid fd.
             let rc = unsafe { libc::fallocate(st.file.as_raw_fd(), 0, 0, len) };
             if rc != 0 {
@@ -276,7 +276,7 @@ fn preallocate(st: &mut State, mode: Prealloc) -> Result<(), Qcow2Error> {
             }
         }
         Prealloc::Full if data_start != u64::MAX => {
-            crate::fileio::write_zeroes(&st.file, data_start, st.file_len - data_start)
+            crate::fileio::write_zeroes(&st.file, data_start, st.file_len() - data_start)
                 .map_err(Qcow2Error::io("preallocating"))?;
         }
         _ => {}

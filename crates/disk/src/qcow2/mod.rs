@@ -6,6 +6,7 @@
 mod check;
 mod compress;
 mod create;
+mod device;
 mod error;
 pub mod header;
 mod io;
@@ -13,10 +14,11 @@ mod refcount;
 mod resize;
 mod snapshot;
 mod state;
+mod write;
 
 use std::fs::{File, OpenOptions as FsOpenOptions};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 pub use check::{CheckReport, RepairMode};
 pub use create::{CreateOptions, EncryptOptions, Prealloc};
@@ -25,9 +27,8 @@ pub use header::CompressionType;
 pub use snapshot::Snapshot;
 
 use crate::crypto::{Cipher, LuksHeader};
-use crate::{check_range, BlockDevice, DiskError, Extent, ExtentKind, ImageFormat, OpenOptions};
+use crate::{check_range, BlockDevice, DiskError, ImageFormat, OpenOptions};
 use header::{Header, AUTOCLEAR_BITMAPS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
-use io::Unit;
 use state::State;
 
 /// The four bytes every qcow2 image starts with.
@@ -67,8 +68,15 @@ pub struct Qcow2Info {
 }
 
 /// An open qcow2 image.
+///
+/// Guest reads, and writes into clusters that are already allocated to this image, run
+/// under a shared lock: several queues or threads do their I/O at once. Anything that
+/// changes metadata (allocation, copy-on-write, zeroing, discard, flush, snapshots, resize)
+/// takes the lock exclusively, so it waits for the data requests in flight and no cluster
+/// is freed or reused under one. L2 tables that are not cached yet are loaded under the
+/// exclusive lock too.
 pub struct Qcow2Image {
-    st: Mutex<State>,
+    st: RwLock<State>,
     dirty_at_open: bool,
 }
 
@@ -169,20 +177,26 @@ impl Qcow2Image {
             }
         }
         Ok(Qcow2Image {
-            st: Mutex::new(st),
+            st: RwLock::new(st),
             dirty_at_open,
         })
     }
 
-    fn lock(&self) -> MutexGuard<'_, State> {
+    /// The exclusive lock, for metadata changes.
+    fn lock(&self) -> RwLockWriteGuard<'_, State> {
         // A panic while holding the lock leaves the state as consistent as an I/O error
         // would; keep serving rather than poisoning every later request.
-        self.st.lock().unwrap_or_else(|p| p.into_inner())
+        self.st.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The shared lock, for data I/O and lookups.
+    fn shared(&self) -> RwLockReadGuard<'_, State> {
+        self.st.read().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Format settings and snapshots.
     pub fn info(&self) -> Qcow2Info {
-        let st = self.lock();
+        let st = self.shared();
         let h = &st.hdr;
         Qcow2Info {
             version: h.version,
@@ -204,7 +218,7 @@ impl Qcow2Image {
 
     /// Cluster size in bytes.
     pub fn cluster_size(&self) -> u64 {
-        self.lock().cs
+        self.shared().cs
     }
 
     /// Checks (and optionally repairs) refcounts and flags.
@@ -235,7 +249,7 @@ impl Qcow2Image {
 
     /// Lists snapshots.
     pub fn snapshots(&self) -> Vec<Snapshot> {
-        self.lock().snapshots.clone()
+        self.shared().snapshots.clone()
     }
 
     /// Reads from a snapshot's state instead of the active one.
@@ -250,6 +264,8 @@ impl Qcow2Image {
         for (k, e) in l1.iter().enumerate() {
             state::check_l1_entry(*e, k as u64, st.cs)?;
         }
+        // Nothing dirty may be written back while the snapshot's L1 stands in.
+        st.write_back_metadata()?;
         let saved_l1 = std::mem::replace(&mut st.l1, l1);
         let saved_size = std::mem::replace(&mut st.hdr.size, snap.disk_size);
         let r = st.read(offset, buf);
@@ -295,7 +311,7 @@ impl Qcow2Image {
 
     /// Whether the image is encrypted.
     pub fn is_encrypted(&self) -> bool {
-        self.lock().encrypted
+        self.shared().encrypted
     }
 
     /// Flushes and clears the lazy-refcount dirty bit. Also done on drop.
@@ -382,168 +398,5 @@ impl Drop for Qcow2Image {
         if let Err(e) = st.close() {
             log::error!("qcow2: closing {} failed: {e}", st.path.display());
         }
-    }
-}
-
-/// Rounds `[offset, offset + len)` out to `align` and runs `f` on the aligned range through
-/// a bounce buffer when it is not aligned already.
-fn aligned_read(st: &mut State, offset: u64, buf: &mut [u8], align: u64) -> Result<(), Qcow2Error> {
-    let end = offset + buf.len() as u64;
-    let a0 = offset / align * align;
-    let a1 = end.div_ceil(align) * align;
-    if a0 == offset && a1 == end {
-        return st.read(offset, buf);
-    }
-    let mut tmp = vec![0u8; usize::try_from(a1 - a0).map_err(|_| Qcow2Error::NoSpace)?];
-    st.read(a0, &mut tmp)?;
-    let s = usize::try_from(offset - a0).unwrap_or(0);
-    buf.copy_from_slice(&tmp[s..s + buf.len()]);
-    Ok(())
-}
-
-fn aligned_write(st: &mut State, offset: u64, buf: &[u8], align: u64) -> Result<(), Qcow2Error> {
-    let end = offset + buf.len() as u64;
-    let a0 = offset / align * align;
-    let a1 = end.div_ceil(align) * align;
-    if a0 == offset && a1 == end {
-        return st.write(offset, buf);
-    }
-    let mut tmp = vec![0u8; usize::try_from(a1 - a0).map_err(|_| Qcow2Error::NoSpace)?];
-    st.read(a0, &mut tmp)?;
-    let s = usize::try_from(offset - a0).unwrap_or(0);
-    tmp[s..s + buf.len()].copy_from_slice(buf);
-    st.write(a0, &tmp)
-}
-
-impl BlockDevice for Qcow2Image {
-    fn size(&self) -> u64 {
-        self.lock().hdr.size
-    }
-
-    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), DiskError> {
-        let mut st = self.lock();
-        check_range(offset, buf.len() as u64, st.hdr.size)?;
-        if st.encrypted {
-            if st.cipher.is_none() {
-                return Err(Qcow2Error::KeyRequired.into());
-            }
-            return Ok(aligned_read(&mut st, offset, buf, 512)?);
-        }
-        Ok(st.read(offset, buf)?)
-    }
-
-    fn write_at(&self, offset: u64, buf: &[u8]) -> Result<(), DiskError> {
-        let mut st = self.lock();
-        if st.read_only {
-            return Err(DiskError::ReadOnly);
-        }
-        check_range(offset, buf.len() as u64, st.hdr.size)?;
-        if buf.is_empty() {
-            return Ok(());
-        }
-        if st.encrypted {
-            match &st.cipher {
-                None => return Err(Qcow2Error::KeyRequired.into()),
-                // Refuse before any cluster is allocated.
-                Some(c) if !c.is_luks() => {
-                    return Err(Qcow2Error::Crypto(crate::crypto::CryptoError::LegacyWrite).into())
-                }
-                Some(_) => {}
-            }
-            return Ok(aligned_write(&mut st, offset, buf, 512)?);
-        }
-        Ok(st.write(offset, buf)?)
-    }
-
-    fn flush(&self) -> Result<(), DiskError> {
-        Ok(self.lock().flush()?)
-    }
-
-    fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<(), DiskError> {
-        let mut st = self.lock();
-        if st.read_only {
-            return Err(DiskError::ReadOnly);
-        }
-        let size = st.hdr.size;
-        check_range(offset, len, size)?;
-        let unit = st.unit;
-        let end = offset + len;
-        let a0 = offset.div_ceil(unit) * unit;
-        let a1 = if end == size { end } else { end / unit * unit };
-        if a0 >= a1 || st.encrypted {
-            let zeros = vec![0u8; usize::try_from(len).map_err(|_| Qcow2Error::NoSpace)?];
-            drop(st);
-            return self.write_at(offset, &zeros);
-        }
-        if a0 > offset {
-            let z = vec![0u8; usize::try_from(a0 - offset).unwrap_or(0)];
-            st.write(offset, &z)?;
-        }
-        st.zero_units(a0, a1 - a0, unmap, false)?;
-        if end > a1 {
-            let z = vec![0u8; usize::try_from(end - a1).unwrap_or(0)];
-            st.write(a1, &z)?;
-        }
-        Ok(())
-    }
-
-    fn discard(&self, offset: u64, len: u64) -> Result<(), DiskError> {
-        let mut st = self.lock();
-        if st.read_only {
-            return Err(DiskError::ReadOnly);
-        }
-        let size = st.hdr.size;
-        check_range(offset, len, size)?;
-        let cs = st.cs;
-        let end = offset + len;
-        let a0 = offset.div_ceil(cs) * cs;
-        let a1 = if end == size { end } else { end / cs * cs };
-        if a0 < a1 {
-            st.zero_units(a0, a1 - a0, true, true)?;
-        }
-        Ok(())
-    }
-
-    fn block_status(&self, offset: u64, len: u64) -> Result<Extent, DiskError> {
-        let mut st = self.lock();
-        check_range(offset, len, st.hdr.size)?;
-        let run = st.map_run(offset, len.max(1))?;
-        let (kind, host, compressed) = match run.unit {
-            Unit::Data(_) => (ExtentKind::Data, Some(run.host), false),
-            Unit::Zero => (ExtentKind::Zero, None, false),
-            Unit::Unalloc => (ExtentKind::Unallocated, None, false),
-            Unit::Compressed(_) => (ExtentKind::Data, None, true),
-        };
-        Ok(Extent {
-            len: run.len,
-            kind,
-            host_offset: host,
-            compressed,
-        })
-    }
-
-    fn is_read_only(&self) -> bool {
-        self.lock().read_only
-    }
-
-    fn format(&self) -> ImageFormat {
-        ImageFormat::Qcow2
-    }
-
-    fn backing(&self) -> Option<Arc<dyn BlockDevice>> {
-        self.lock().backing.clone()
-    }
-
-    fn allocated_size(&self) -> Result<u64, DiskError> {
-        let st = self.lock();
-        crate::fileio::allocated_bytes(&st.file).map_err(|source| DiskError::Io {
-            op: "stat",
-            path: st.path.clone(),
-            source,
-        })
-    }
-
-    fn resize(&self, new_size: u64) -> Result<(), DiskError> {
-        Ok(self.lock().resize(new_size)?)
     }
 }

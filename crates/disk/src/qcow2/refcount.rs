@@ -170,8 +170,18 @@ impl State {
         b.dirty = true;
         if value > 0 {
             self.end_cluster = self.end_cluster.max(idx + 1);
-        } else if idx < self.free_hint {
-            self.free_hint = idx;
+        } else {
+            if idx < self.free_hint {
+                self.free_hint = idx;
+            }
+            // Compressed data may no longer be packed into a cluster that became free: it
+            // may be handed out as a data cluster next.
+            if self
+                .compressed_cursor
+                .is_some_and(|c| c >> self.cbits == idx)
+            {
+                self.compressed_cursor = None;
+            }
         }
         Ok(())
     }

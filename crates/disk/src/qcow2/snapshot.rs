@@ -160,7 +160,7 @@ impl State {
             ));
         }
         // Entries are variable-sized: read what the file has, bounded by qemu's limit.
-        let avail = self.file_len.saturating_sub(off).min(MAX_SNAPSHOT_TABLE);
+        let avail = self.file_len().saturating_sub(off).min(MAX_SNAPSHOT_TABLE);
         if avail == 0 {
             return Err(Qcow2Error::Truncated {
                 what: "snapshot table",

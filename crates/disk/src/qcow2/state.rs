@@ -8,7 +8,8 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use super::header::{Header, COMPAT_LAZY_REFCOUNTS, INCOMPAT_DIRTY};
 use super::refcount::{RefBlock, OFFSET_MASK};
@@ -59,9 +60,15 @@ pub(crate) struct L2Table {
     pub dirty: bool,
 }
 
-/// Everything about an open image, guarded by the image's mutex.
+/// Everything about an open image, guarded by the image's lock.
+///
+/// Methods taking `&self` (the data paths: [`State::read_cached`], [`State::write_in_place`])
+/// run under the shared lock, several at once; they touch no metadata. Everything that
+/// changes metadata takes `&mut self`, under the exclusive lock, so no cluster is freed or
+/// reused while a data request on it is in flight.
 pub(crate) struct State {
-    pub file: File,
+    /// Shared so that a flush can sync it after the exclusive lock is released.
+    pub file: Arc<File>,
     pub path: PathBuf,
     pub read_only: bool,
     pub hdr: Header,
@@ -100,14 +107,15 @@ pub(crate) struct State {
     pub encrypted: bool,
     /// Next free byte for packing compressed clusters.
     pub compressed_cursor: Option<u64>,
-    /// The last decompressed cluster: (L2 entry, data).
-    pub decompressed: Option<(u64, Vec<u8>)>,
+    /// The last decompressed cluster: (L2 entry, data). Its own lock: compressed reads run
+    /// under the shared image lock.
+    pub decompressed: Mutex<Option<(u64, Vec<u8>)>>,
     /// Lazy refcounts: the dirty bit is set while metadata is outstanding.
     pub lazy: bool,
     /// The dirty bit is set on disk by us.
     pub marked_dirty: bool,
-    /// Current length of the file.
-    pub file_len: u64,
+    /// Current length of the file (grown by data writes under the shared lock too).
+    file_len: AtomicU64,
     /// Skip fdatasync (cache=unsafe).
     pub no_sync: bool,
 }
@@ -142,7 +150,7 @@ impl State {
         let rb_cache_cap = usize::try_from((8u64 << 20) >> cbits).unwrap_or(16).max(16);
         let lazy = hdr.compatible & COMPAT_LAZY_REFCOUNTS != 0;
         State {
-            file,
+            file: Arc::new(file),
             path,
             read_only,
             cs,
@@ -169,10 +177,10 @@ impl State {
             cipher: None,
             encrypted: false,
             compressed_cursor: None,
-            decompressed: None,
+            decompressed: Mutex::new(None),
             lazy,
             marked_dirty: false,
-            file_len,
+            file_len: AtomicU64::new(file_len),
             no_sync: false,
             hdr,
         }
@@ -198,12 +206,12 @@ impl State {
             ));
         }
         match off.checked_add(bytes) {
-            Some(end) if end <= self.file_len => Ok(()),
+            Some(end) if end <= self.file_len() => Ok(()),
             _ => Err(Qcow2Error::table(
                 what,
                 format!(
                     "at offset {off:#x} ({bytes} bytes) lies past the end of the file ({} bytes)",
-                    self.file_len
+                    self.file_len()
                 ),
             )),
         }
@@ -218,7 +226,7 @@ impl State {
         what: &'static str,
     ) -> Result<Vec<u8>, Qcow2Error> {
         match off.checked_add(len) {
-            Some(end) if end <= self.file_len => {}
+            Some(end) if end <= self.file_len() => {}
             _ => return Err(Qcow2Error::Truncated { what, offset: off }),
         }
         let len = usize::try_from(len).map_err(|_| Qcow2Error::Truncated { what, offset: off })?;
@@ -230,15 +238,25 @@ impl State {
         Ok(buf)
     }
 
+    /// Current length of the image file.
+    pub(crate) fn file_len(&self) -> u64 {
+        self.file_len.load(Ordering::Acquire)
+    }
+
+    /// Records that the file now reaches at least `end` bytes.
+    pub(crate) fn note_file_end(&self, end: u64) {
+        self.file_len.fetch_max(end, Ordering::AcqRel);
+    }
+
     /// Writes host bytes, keeping track of the file length.
     pub(crate) fn write_host(
-        &mut self,
+        &self,
         off: u64,
         buf: &[u8],
         what: &'static str,
     ) -> Result<(), Qcow2Error> {
         fileio::write_all(&self.file, off, buf).map_err(Qcow2Error::io(what))?;
-        self.file_len = self.file_len.max(off + buf.len() as u64);
+        self.note_file_end(off + buf.len() as u64);
         Ok(())
     }
 
@@ -414,19 +432,34 @@ impl State {
 
     /// Reads an L2 entry (and bitmap) for guest cluster `gc`; zeroes if unmapped.
     pub(crate) fn l2_entry(&mut self, gc: u64) -> Result<(u64, u64), Qcow2Error> {
-        let l1i = gc >> self.l2_bits;
-        let l2off = self.l2_offset(l1i);
-        if l2off == 0 {
-            return Ok((0, 0));
+        self.load_l2_for(gc)?;
+        self.l2_entry_cached(gc)
+            .ok_or_else(|| Qcow2Error::table("L2 table", "vanished from cache"))
+    }
+
+    /// Makes sure the L2 table mapping guest cluster `gc` (if any) is cached.
+    pub(crate) fn load_l2_for(&mut self, gc: u64) -> Result<(), Qcow2Error> {
+        let l2off = self.l2_offset(gc >> self.l2_bits);
+        if l2off != 0 {
+            self.l2_table(l2off)?;
         }
-        let idx = usize::try_from(gc & (self.l2_entries() - 1)).unwrap_or(0);
-        let ext = self.ext_l2;
-        let t = self.l2_table(l2off)?;
-        Ok(if ext {
-            (t.data[idx * 2], t.data[idx * 2 + 1])
+        Ok(())
+    }
+
+    /// The L2 entry (and bitmap) for guest cluster `gc` if its table is cached (or there is
+    /// none: then zeroes); `None` when the table has to be loaded first.
+    pub(crate) fn l2_entry_cached(&self, gc: u64) -> Option<(u64, u64)> {
+        let l2off = self.l2_offset(gc >> self.l2_bits);
+        if l2off == 0 {
+            return Some((0, 0));
+        }
+        let idx = usize::try_from(gc & (self.l2_entries() - 1)).ok()?;
+        let t = self.l2_cache.get(&l2off)?;
+        if self.ext_l2 {
+            Some((*t.data.get(idx * 2)?, *t.data.get(idx * 2 + 1)?))
         } else {
-            (t.data[idx], 0)
-        })
+            Some((*t.data.get(idx)?, 0))
+        }
     }
 }
 

@@ -1,0 +1,252 @@
+//! [`BlockDevice`] for [`Qcow2Image`]: the lock discipline of the data path.
+//!
+//! Reads and in-place writes take the shared lock and do their file I/O under it, so
+//! requests from several queues overlap. Whatever needs metadata work (loading an L2 table,
+//! allocating, copy-on-write) retakes the lock exclusively for that part only.
+
+use std::sync::Arc;
+
+use super::io::Unit;
+use super::state::State;
+use super::{Qcow2Error, Qcow2Image};
+use crate::{check_range, BlockDevice, DiskError, Extent, ExtentKind, ImageFormat};
+
+/// Sector size of encrypted images: the cipher works on whole 512-byte sectors.
+const CRYPT_SECTOR: u64 = 512;
+
+impl Qcow2Image {
+    /// Reads guest data (range already checked), sharing the lock with other requests.
+    fn read_guest(&self, offset: u64, buf: &mut [u8]) -> Result<(), Qcow2Error> {
+        let mut done = 0usize;
+        while done < buf.len() {
+            done += self
+                .shared()
+                .read_cached(offset + done as u64, &mut buf[done..])?;
+            if done < buf.len() {
+                // An L2 table to load: do it, and read on as far as the cache goes, under
+                // the exclusive lock (which guarantees progress).
+                let mut st = self.lock();
+                let pos = offset + done as u64;
+                let gc = pos >> st.cbits;
+                st.load_l2_for(gc)?;
+                let n = st.read_cached(pos, &mut buf[done..])?;
+                if n == 0 {
+                    return Err(Qcow2Error::table("L2 table", "vanished from cache"));
+                }
+                done += n;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes guest data (range already checked): in place under the shared lock where the
+    /// clusters allow it, the rest under the exclusive lock.
+    fn write_guest(&self, offset: u64, buf: &[u8]) -> Result<(), Qcow2Error> {
+        let done = self.shared().write_in_place(offset, buf)?;
+        if done < buf.len() {
+            self.lock().write(offset + done as u64, &buf[done..])?;
+        }
+        Ok(())
+    }
+
+    /// Runs `f` on `[offset, offset + len)` rounded out to `align`, through a bounce buffer
+    /// when the range is not aligned already.
+    fn aligned_read(&self, offset: u64, buf: &mut [u8], align: u64) -> Result<(), Qcow2Error> {
+        let end = offset + buf.len() as u64;
+        let a0 = offset / align * align;
+        let a1 = end.div_ceil(align) * align;
+        if a0 == offset && a1 == end {
+            return self.read_guest(offset, buf);
+        }
+        let mut tmp = vec![0u8; usize::try_from(a1 - a0).map_err(|_| Qcow2Error::NoSpace)?];
+        self.read_guest(a0, &mut tmp)?;
+        let s = usize::try_from(offset - a0).unwrap_or(0);
+        buf.copy_from_slice(&tmp[s..s + buf.len()]);
+        Ok(())
+    }
+}
+
+/// Read-modify-write of a range that is not sector aligned, all under the exclusive lock so
+/// that no other write lands between the read and the write.
+fn aligned_write(st: &mut State, offset: u64, buf: &[u8], align: u64) -> Result<(), Qcow2Error> {
+    let end = offset + buf.len() as u64;
+    let a0 = offset / align * align;
+    let a1 = end.div_ceil(align) * align;
+    if a0 == offset && a1 == end {
+        return st.write(offset, buf);
+    }
+    let mut tmp = vec![0u8; usize::try_from(a1 - a0).map_err(|_| Qcow2Error::NoSpace)?];
+    st.read(a0, &mut tmp)?;
+    let s = usize::try_from(offset - a0).unwrap_or(0);
+    tmp[s..s + buf.len()].copy_from_slice(buf);
+    st.write(a0, &tmp)
+}
+
+impl BlockDevice for Qcow2Image {
+    fn size(&self) -> u64 {
+        self.shared().hdr.size
+    }
+
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), DiskError> {
+        let encrypted = {
+            let st = self.shared();
+            check_range(offset, buf.len() as u64, st.hdr.size)?;
+            if st.encrypted && st.cipher.is_none() {
+                return Err(Qcow2Error::KeyRequired.into());
+            }
+            st.encrypted
+        };
+        if encrypted {
+            return Ok(self.aligned_read(offset, buf, CRYPT_SECTOR)?);
+        }
+        Ok(self.read_guest(offset, buf)?)
+    }
+
+    fn write_at(&self, offset: u64, buf: &[u8]) -> Result<(), DiskError> {
+        {
+            let st = self.shared();
+            if st.read_only {
+                return Err(DiskError::ReadOnly);
+            }
+            check_range(offset, buf.len() as u64, st.hdr.size)?;
+            if buf.is_empty() {
+                return Ok(());
+            }
+            if st.encrypted {
+                match &st.cipher {
+                    None => return Err(Qcow2Error::KeyRequired.into()),
+                    // Refuse before any cluster is allocated.
+                    Some(c) if !c.is_luks() => {
+                        return Err(
+                            Qcow2Error::Crypto(crate::crypto::CryptoError::LegacyWrite).into()
+                        )
+                    }
+                    Some(_) => {}
+                }
+                let aligned = offset.is_multiple_of(CRYPT_SECTOR)
+                    && (buf.len() as u64).is_multiple_of(CRYPT_SECTOR);
+                if !aligned {
+                    drop(st);
+                    return Ok(aligned_write(&mut self.lock(), offset, buf, CRYPT_SECTOR)?);
+                }
+            }
+        }
+        Ok(self.write_guest(offset, buf)?)
+    }
+
+    fn flush(&self) -> Result<(), DiskError> {
+        let file = {
+            let mut st = self.lock();
+            if st.read_only {
+                return Ok(());
+            }
+            st.write_back_metadata()?;
+            if st.no_sync {
+                return Ok(());
+            }
+            st.file.clone()
+        };
+        // The metadata is written (in its crash-safe order, with the syncs that order
+        // needs); the final sync makes it and all data written so far durable, and needs
+        // no lock: requests keep running meanwhile.
+        crate::fileio::sync_data(&file)
+            .map_err(Qcow2Error::io("syncing the image"))
+            .map_err(DiskError::from)
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<(), DiskError> {
+        let mut st = self.lock();
+        if st.read_only {
+            return Err(DiskError::ReadOnly);
+        }
+        let size = st.hdr.size;
+        check_range(offset, len, size)?;
+        let unit = st.unit;
+        let end = offset + len;
+        let a0 = offset.div_ceil(unit) * unit;
+        let a1 = if end == size { end } else { end / unit * unit };
+        if a0 >= a1 || st.encrypted {
+            let zeros = vec![0u8; usize::try_from(len).map_err(|_| Qcow2Error::NoSpace)?];
+            drop(st);
+            return self.write_at(offset, &zeros);
+        }
+        if a0 > offset {
+            let z = vec![0u8; usize::try_from(a0 - offset).unwrap_or(0)];
+            st.write(offset, &z)?;
+        }
+        st.zero_units(a0, a1 - a0, unmap, false)?;
+        if end > a1 {
+            let z = vec![0u8; usize::try_from(end - a1).unwrap_or(0)];
+            st.write(a1, &z)?;
+        }
+        Ok(())
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> Result<(), DiskError> {
+        let mut st = self.lock();
+        if st.read_only {
+            return Err(DiskError::ReadOnly);
+        }
+        let size = st.hdr.size;
+        check_range(offset, len, size)?;
+        let cs = st.cs;
+        let end = offset + len;
+        let a0 = offset.div_ceil(cs) * cs;
+        let a1 = if end == size { end } else { end / cs * cs };
+        if a0 < a1 {
+            st.zero_units(a0, a1 - a0, true, true)?;
+        }
+        Ok(())
+    }
+
+    fn block_status(&self, offset: u64, len: u64) -> Result<Extent, DiskError> {
+        let run = {
+            let st = self.shared();
+            check_range(offset, len, st.hdr.size)?;
+            st.map_run_cached(offset, len.max(1))?
+        };
+        let run = match run {
+            Some(r) => r,
+            None => self.lock().map_run(offset, len.max(1))?,
+        };
+        let encrypted = self.shared().encrypted;
+        let (kind, compressed) = match run.unit {
+            Unit::Data(_) => (ExtentKind::Data, false),
+            Unit::Zero(_) => (ExtentKind::Zero, false),
+            Unit::Unalloc(_) => (ExtentKind::Unallocated, false),
+            Unit::Compressed(_) => (ExtentKind::Data, true),
+        };
+        Ok(Extent {
+            len: run.len,
+            kind,
+            // Like qemu: no offsets into an encrypted image (they would not read as data).
+            host_offset: run.host.filter(|_| !encrypted),
+            compressed,
+        })
+    }
+
+    fn is_read_only(&self) -> bool {
+        self.shared().read_only
+    }
+
+    fn format(&self) -> ImageFormat {
+        ImageFormat::Qcow2
+    }
+
+    fn backing(&self) -> Option<Arc<dyn BlockDevice>> {
+        self.shared().backing.clone()
+    }
+
+    fn allocated_size(&self) -> Result<u64, DiskError> {
+        let st = self.shared();
+        crate::fileio::allocated_bytes(&st.file).map_err(|source| DiskError::Io {
+            op: "stat",
+            path: st.path.clone(),
+            source,
+        })
+    }
+
+    fn resize(&self, new_size: u64) -> Result<(), DiskError> {
+        Ok(self.lock().resize(new_size)?)
+    }
+}
