@@ -4,6 +4,10 @@
 //! One device, one folder: `{mod,device,worker,persist}.rs` as the device grows.
 
 pub mod block;
+pub mod common;
 pub mod console;
 pub mod net;
 pub mod rng;
+
+#[cfg(test)]
+pub(crate) mod testing;

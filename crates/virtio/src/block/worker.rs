@@ -1,0 +1,459 @@
+//! The I/O thread of one virtio-blk queue.
+//!
+//! Each wake-up (a driver notification, disk completions, or a stop request) does the same
+//! round: collect finished disk requests into the used ring, take every available chain the
+//! engine has room for (with driver notifications suppressed while doing so), submit them to
+//! the engine in one batch, collect what finished inline (page-cache hits), then signal the
+//! driver once if it wants to be told. After a round that did work, the thread keeps polling
+//! the available ring and the engine for a short while (`poll_us`) with notifications still
+//! suppressed, so a driver that keeps the queue busy never has to exit to notify.
+
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kiln_devices::virtio::{GuestMemory, VirtioInterrupt};
+use kiln_devices::warn_ratelimited;
+use kiln_disk::aio::{AioError, AsyncIo};
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestAddress};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::request::{self, status, Action, DiskLimits, Request};
+use crate::common::chain::{self, Desc};
+use crate::common::worker::{Poller, StopSignal};
+use crate::common::{has_avail, signal_used};
+
+/// Most discard/write-zeroes segments one request may carry (engine slots it can take).
+pub(crate) const MAX_ZERO_SEGMENTS: u32 = 16;
+/// Most descriptors in one chain.
+const MAX_DESCS: usize = 1024;
+/// Most iovecs in one engine request.
+const MAX_IOVECS: usize = 1024;
+
+const TOKEN_QUEUE: u64 = 0;
+const TOKEN_DISK: u64 = 1;
+const TOKEN_STOP: u64 = 2;
+
+/// Counters for benchmarks and tests.
+#[derive(Debug, Default)]
+pub struct BlockStats {
+    /// Requests completed.
+    pub requests: AtomicU64,
+    /// Times the thread woke from sleep.
+    pub wakeups: AtomicU64,
+    /// Interrupts sent to the driver.
+    pub interrupts: AtomicU64,
+}
+
+/// What the queues of one device share.
+pub(crate) struct Shared {
+    pub mem: GuestMemory,
+    pub interrupt: Arc<dyn VirtioInterrupt>,
+    pub limits: DiskLimits,
+    pub poll: Duration,
+    pub stats: Arc<BlockStats>,
+    pub path: String,
+}
+
+/// One queue with everything its thread owns; handed back when the thread stops.
+pub(crate) struct BlockQueue {
+    pub index: u16,
+    pub queue: Queue,
+    pub notify: EventFd,
+    pub engine: Box<dyn AsyncIo>,
+    /// The driver broke the protocol; nothing more is taken until reset.
+    pub broken: bool,
+}
+
+struct Inflight {
+    head: u16,
+    status_addr: GuestAddress,
+    status: u8,
+    used_len: u32,
+    pending: u32,
+}
+
+struct QueueWorker {
+    q: BlockQueue,
+    shared: Arc<Shared>,
+    slots: Vec<Option<Inflight>>,
+    free: Vec<u32>,
+    descs: Vec<Desc>,
+    iovecs: Vec<libc::iovec>,
+    used_added: bool,
+    /// Keep driver notifications off at the end of a round (busy polling).
+    polling: bool,
+}
+
+/// Serves `q` until `stop` is requested, then finishes what is in flight and hands `q` back.
+pub(crate) fn run(q: BlockQueue, shared: Arc<Shared>, stop: &StopSignal) -> BlockQueue {
+    let slots = usize::from(q.queue.size().max(1));
+    let mut w = QueueWorker {
+        shared,
+        slots: (0..slots).map(|_| None).collect(),
+        free: (0..u32::try_from(slots).unwrap_or(u32::MAX))
+            .rev()
+            .collect(),
+        descs: Vec::with_capacity(16),
+        iovecs: Vec::with_capacity(16),
+        used_added: false,
+        polling: false,
+        q,
+    };
+    let disk_fd = w.q.engine.notifier();
+    let mut poller = match Poller::new().and_then(|p| {
+        p.add(w.q.notify.as_raw_fd(), TOKEN_QUEUE)?;
+        p.add(disk_fd, TOKEN_DISK)?;
+        p.add(stop.fd(), TOKEN_STOP)?;
+        Ok(p)
+    }) {
+        Ok(p) => p,
+        Err(e) => {
+            w.fail(&format!("virtio-blk queue {}: cannot poll: {e}", w.q.index));
+            return w.q;
+        }
+    };
+    // Requests may already be waiting (resume, restore).
+    w.round();
+    'serve: loop {
+        let events = match poller.wait(-1) {
+            Ok(ev) => ev,
+            Err(e) => {
+                w.fail(&format!("virtio-blk queue {}: epoll: {e}", w.q.index));
+                break;
+            }
+        };
+        w.shared.stats.wakeups.fetch_add(1, Ordering::Relaxed);
+        let mut stopping = false;
+        for (token, _) in events {
+            match token {
+                TOKEN_QUEUE => {
+                    let _ = w.q.notify.read();
+                }
+                TOKEN_DISK => drain_eventfd(disk_fd),
+                _ => stopping |= stop.requested(),
+            }
+        }
+        if stopping {
+            break 'serve;
+        }
+        if w.round() {
+            w.busy_poll();
+        }
+    }
+    w.drain(disk_fd);
+    w.q
+}
+
+impl QueueWorker {
+    /// One round; returns whether it moved any request.
+    fn round(&mut self) -> bool {
+        let mut moved = self.reap();
+        if !self.q.broken {
+            moved |= self.serve();
+        }
+        moved |= self.reap();
+        self.signal();
+        moved
+    }
+
+    /// Polls the rings for up to the poll budget after the last sign of work.
+    fn busy_poll(&mut self) {
+        if self.shared.poll.is_zero() || self.q.broken {
+            return;
+        }
+        self.polling = true;
+        let _ = self.q.queue.disable_notification(&self.shared.mem);
+        let mut deadline = Instant::now() + self.shared.poll;
+        let mut spins = 0u32;
+        loop {
+            let work = self.q.engine.in_flight() > 0 || has_avail(&self.q.queue, &self.shared.mem);
+            if work && self.round() {
+                deadline = Instant::now() + self.shared.poll;
+            }
+            spins = spins.wrapping_add(1);
+            if spins.is_multiple_of(32) && Instant::now() >= deadline {
+                break;
+            }
+            std::hint::spin_loop();
+        }
+        self.polling = false;
+        // Re-enables notifications and catches anything that raced with that.
+        self.round();
+    }
+
+    /// Whether one more chain fits (an inflight slot, and engine room for its largest
+    /// request).
+    fn has_room(&self) -> bool {
+        !self.free.is_empty()
+            && self.q.engine.in_flight() + MAX_ZERO_SEGMENTS as usize <= self.q.engine.depth()
+    }
+
+    /// Takes available chains while there is room; returns whether it took any.
+    fn serve(&mut self) -> bool {
+        let mem = self.shared.mem.clone();
+        let mut took = false;
+        loop {
+            if let Err(e) = self.q.queue.disable_notification(&mem) {
+                self.fail(&format!(
+                    "virtio-blk queue {}: used ring: {e}",
+                    self.q.index
+                ));
+                return took;
+            }
+            while self.has_room() {
+                match chain::pop(&mut self.q.queue, &mem, self.q.index) {
+                    Ok(Some(c)) => {
+                        took = true;
+                        if let Err(reason) = self.take(c) {
+                            self.fail(&reason);
+                            return took;
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        self.fail(&format!("virtio-blk: {e}"));
+                        return took;
+                    }
+                }
+            }
+            if let Err(e) = self.q.engine.submit() {
+                self.engine_failed(&e);
+            }
+            if !self.has_room() || self.polling {
+                // Completions will bring us back; the driver need not notify meanwhile.
+                return took;
+            }
+            match self.q.queue.enable_notification(&mem) {
+                Ok(true) => continue,
+                Ok(false) => return took,
+                Err(e) => {
+                    self.fail(&format!(
+                        "virtio-blk queue {}: used ring: {e}",
+                        self.q.index
+                    ));
+                    return took;
+                }
+            }
+        }
+    }
+
+    /// Checks one chain and starts it (or answers it at once).
+    fn take(&mut self, c: virtio_queue::DescriptorChain<&GuestMemory>) -> Result<(), String> {
+        let mem = &self.shared.mem;
+        let head = chain::collect(c, MAX_DESCS, self.q.index, &mut self.descs)
+            .map_err(|e| format!("virtio-blk: {e}"))?;
+        let req = request::parse(mem, &self.descs, head, &self.shared.limits)
+            .map_err(|e| format!("virtio-blk queue {}: {e}", self.q.index))?;
+        match req.action.clone() {
+            Action::Answer(s) => self.finish(&req, s),
+            Action::GetId { len } => {
+                let serial = self.shared.limits.serial;
+                let s = match request::write_stream(mem, &self.descs, &serial[..len]) {
+                    Ok(()) => status::OK,
+                    Err(_) => status::IOERR,
+                };
+                self.finish(&req, s);
+            }
+            Action::Read { len: 0, .. } | Action::Write { len: 0, .. } => {
+                self.finish(&req, status::OK)
+            }
+            Action::Read { offset, len } => self.start_rw(&req, false, offset, len),
+            Action::Write { offset, len } => self.start_rw(&req, true, offset, len),
+            Action::Flush if self.shared.limits.read_only => self.finish(&req, status::OK),
+            Action::Flush => {
+                let slot = self.alloc(&req, 1);
+                if let Err(e) = self.q.engine.flush(u64::from(slot)) {
+                    self.sub_failed(slot, &e);
+                }
+            }
+            Action::Discard(ranges) | Action::WriteZeroes(ranges, _) => {
+                let unmap = match &req.action {
+                    Action::WriteZeroes(_, unmap) => Some(*unmap),
+                    _ => None,
+                };
+                let n = u32::try_from(ranges.len()).unwrap_or(u32::MAX);
+                let slot = self.alloc(&req, n);
+                for r in ranges {
+                    let ud = u64::from(slot);
+                    let res = match unmap {
+                        None => self.q.engine.discard(r.offset, r.len, ud),
+                        Some(u) => self.q.engine.write_zeroes(r.offset, r.len, u, ud),
+                    };
+                    if let Err(e) = res {
+                        self.sub_failed(slot, &e);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn start_rw(&mut self, req: &Request, write: bool, offset: u64, len: u64) {
+        self.iovecs.clear();
+        // Reads fill the writable data; writes take the readable data after the header.
+        let (from_writable, skip) = if write { (false, 16) } else { (true, 0) };
+        let mapped = request::stream_iovecs(
+            &self.shared.mem,
+            &self.descs,
+            from_writable,
+            skip,
+            len,
+            &mut self.iovecs,
+        );
+        if mapped.is_err() || self.iovecs.len() > MAX_IOVECS {
+            warn_ratelimited!(
+                "virtio-blk queue {}: request {} has buffers outside guest RAM or too many \
+                 segments",
+                self.q.index,
+                req.head
+            );
+            self.finish(req, status::IOERR);
+            return;
+        }
+        let slot = self.alloc(req, 1);
+        let ud = u64::from(slot);
+        // SAFETY: the iovecs point into guest memory, which stays mapped while `shared.mem`
+        // (held by this thread until every request has completed, see `drain`) lives; kiln
+        // never holds Rust references into guest RAM, only volatile accessors.
+        let res = unsafe {
+            if write {
+                self.q.engine.write_vectored(offset, &self.iovecs, ud)
+            } else {
+                self.q.engine.read_vectored(offset, &self.iovecs, ud)
+            }
+        };
+        if let Err(e) = res {
+            self.sub_failed(slot, &e);
+        }
+    }
+
+    fn alloc(&mut self, req: &Request, pending: u32) -> u32 {
+        // has_room() guaranteed a free slot.
+        let slot = self.free.pop().unwrap_or(0);
+        self.slots[slot as usize] = Some(Inflight {
+            head: req.head,
+            status_addr: req.status,
+            status: status::OK,
+            used_len: req.used_len,
+            pending,
+        });
+        slot
+    }
+
+    /// An engine refused part of a request: the request fails once its other parts finish.
+    fn sub_failed(&mut self, slot: u32, e: &AioError) {
+        warn_ratelimited!("virtio-blk {}: {e}", self.shared.path);
+        self.account(slot, false);
+    }
+
+    /// Accounts one finished part of the request in `slot`.
+    fn account(&mut self, slot: u32, ok: bool) {
+        let Some(Some(inf)) = self.slots.get_mut(slot as usize) else {
+            return;
+        };
+        if !ok {
+            inf.status = status::IOERR;
+        }
+        inf.pending = inf.pending.saturating_sub(1);
+        if inf.pending > 0 {
+            return;
+        }
+        if let Some(inf) = self.slots[slot as usize].take() {
+            self.free.push(slot);
+            let len = if inf.status == status::OK {
+                inf.used_len
+            } else {
+                1
+            };
+            self.complete(inf.head, inf.status_addr, inf.status, len);
+        }
+    }
+
+    /// Collects finished engine requests; returns whether any finished.
+    fn reap(&mut self) -> bool {
+        let mut any = false;
+        while let Some(c) = self.q.engine.next_completion() {
+            any = true;
+            if let Err(e) = &c.result {
+                warn_ratelimited!("virtio-blk {}: I/O error: {e}", self.shared.path);
+            }
+            let slot = u32::try_from(c.user_data).unwrap_or(u32::MAX);
+            self.account(slot, c.result.is_ok());
+        }
+        any
+    }
+
+    fn finish(&mut self, req: &Request, s: u8) {
+        let len = if s == status::OK { req.used_len } else { 1 };
+        self.complete(req.head, req.status, s, len);
+    }
+
+    fn complete(&mut self, head: u16, status_addr: GuestAddress, s: u8, len: u32) {
+        let mem = &self.shared.mem;
+        // The address was checked when the request was parsed.
+        let _ = mem.write_obj(s, status_addr);
+        if let Err(e) = self.q.queue.add_used(mem, head, len) {
+            let reason = format!("virtio-blk queue {}: used ring: {e}", self.q.index);
+            self.fail(&reason);
+            return;
+        }
+        self.used_added = true;
+        self.shared.stats.requests.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn signal(&mut self) {
+        if std::mem::take(&mut self.used_added)
+            && signal_used(
+                &mut self.q.queue,
+                &self.shared.mem,
+                &self.shared.interrupt,
+                self.q.index,
+            )
+        {
+            self.shared.stats.interrupts.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// The engine could not start its queued requests now; they stay queued and the next
+    /// submit retries them.
+    fn engine_failed(&mut self, e: &AioError) {
+        warn_ratelimited!("virtio-blk {}: {e}", self.shared.path);
+    }
+
+    /// The driver broke the protocol: stop taking requests and ask for a reset.
+    fn fail(&mut self, reason: &str) {
+        if !self.q.broken {
+            self.q.broken = true;
+            self.shared.interrupt.needs_reset(reason);
+        }
+    }
+
+    /// Waits for every request in flight, so that no I/O touches guest memory afterwards.
+    fn drain(&mut self, disk_fd: RawFd) {
+        let _ = self.q.engine.submit();
+        while self.q.engine.in_flight() > 0 {
+            if !self.reap() {
+                let mut pfd = libc::pollfd {
+                    fd: disk_fd,
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                // SAFETY: poll on one pollfd that lives across the call.
+                unsafe { libc::poll(&mut pfd, 1, 100) };
+                drain_eventfd(disk_fd);
+            }
+        }
+        self.reap();
+        self.signal();
+    }
+}
+
+/// Clears an eventfd's counter.
+fn drain_eventfd(fd: RawFd) {
+    let mut v = 0u64;
+    // SAFETY: reads 8 bytes into a local u64 from a non-blocking eventfd.
+    unsafe { libc::read(fd, (&mut v as *mut u64).cast(), 8) };
+}

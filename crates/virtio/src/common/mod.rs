@@ -1,0 +1,108 @@
+//! What the devices share: descriptor-chain checks, guest buffers as iovecs, interrupt
+//! suppression, and the worker-thread lifecycle.
+
+pub(crate) mod chain;
+pub(crate) mod worker;
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use kiln_devices::virtio::{GuestMemory, InterruptKind, VirtioInterrupt};
+use kiln_devices::warn_ratelimited;
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+
+/// The driver does not want interrupts (avail ring flags, without EVENT_IDX).
+const VRING_AVAIL_F_NO_INTERRUPT: u16 = 1;
+
+/// A guest range that is not entirely guest RAM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("guest buffer at {addr:#x} ({len} bytes) is not in guest RAM")]
+pub struct BadGuestRange {
+    /// Start of the range.
+    pub addr: u64,
+    /// Its length.
+    pub len: usize,
+}
+
+/// Appends iovecs covering `len` bytes of guest memory at `addr` (several when the range
+/// spans memory regions). Nothing is appended when the range is not all RAM.
+pub(crate) fn push_iovecs(
+    mem: &GuestMemory,
+    addr: GuestAddress,
+    len: usize,
+    out: &mut Vec<libc::iovec>,
+) -> Result<(), BadGuestRange> {
+    let bad = BadGuestRange { addr: addr.0, len };
+    let start = out.len();
+    for slice in GuestMemoryBackend::get_slices(mem, addr, len) {
+        let Ok(slice) = slice else {
+            out.truncate(start);
+            return Err(bad);
+        };
+        out.push(libc::iovec {
+            iov_base: slice.ptr_guard_mut().as_ptr().cast(),
+            iov_len: slice.len(),
+        });
+    }
+    Ok(())
+}
+
+/// Tells the driver about new used buffers on `queue` unless it asked not to be told
+/// (EVENT_IDX `used_event`, or VRING_AVAIL_F_NO_INTERRUPT without EVENT_IDX). Returns
+/// whether it sent an interrupt.
+pub(crate) fn signal_used(
+    queue: &mut Queue,
+    mem: &GuestMemory,
+    interrupt: &Arc<dyn VirtioInterrupt>,
+    index: u16,
+) -> bool {
+    let wanted = if queue.event_idx_enabled() {
+        queue.needs_notification(mem).unwrap_or(true)
+    } else {
+        std::sync::atomic::fence(Ordering::SeqCst);
+        let flags: u16 = mem
+            .read_obj(GuestAddress(queue.avail_ring()))
+            .map(u16::from_le)
+            .unwrap_or(0);
+        flags & VRING_AVAIL_F_NO_INTERRUPT == 0
+    };
+    if wanted {
+        if let Err(e) = interrupt.trigger(InterruptKind::Queue(index)) {
+            warn_ratelimited!("virtio: cannot signal queue {index}: {e}");
+        }
+    }
+    wanted
+}
+
+/// Whether the driver made buffers available that the device has not taken yet.
+pub(crate) fn has_avail(queue: &Queue, mem: &GuestMemory) -> bool {
+    queue
+        .avail_idx(mem, Ordering::Acquire)
+        .is_ok_and(|idx| idx.0 != queue.next_avail())
+}
+
+/// Queue progress kept by a device across pause/save/restore.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct QueueProgress {
+    /// Next available-ring entry the device will take.
+    pub next_avail: u16,
+    /// Next used-ring entry the device will fill.
+    pub next_used: u16,
+}
+
+impl QueueProgress {
+    /// The progress of `queue`.
+    pub(crate) fn of(queue: &Queue) -> Self {
+        QueueProgress {
+            next_avail: queue.next_avail(),
+            next_used: queue.next_used(),
+        }
+    }
+
+    /// Puts `queue` back where it was.
+    pub(crate) fn apply(&self, queue: &mut Queue) {
+        queue.set_next_avail(self.next_avail);
+        queue.set_next_used(self.next_used);
+    }
+}
