@@ -160,7 +160,7 @@ impl Default for DevOptions {
             blk_bench: None,
             net_ip: None,
             net_prefix: 24,
-            net_secs: 5,
+            net_secs: 0,
             net_min_echo: 0,
             net_bench: None,
             console_wait_ms: 0,

@@ -31,6 +31,7 @@ pub mod fault;
 mod intrinsics;
 pub mod io;
 pub mod mem;
+pub mod netpkt;
 pub mod paging;
 pub mod pci;
 pub mod pcihost;

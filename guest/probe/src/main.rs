@@ -119,6 +119,9 @@ extern "C" fn probe_main(entry: u64, info: u64) -> ! {
 fn virtio_check(check: Check, pci: &pci::Pci, dma: &mut Dma, clock: &Clock, dev: &probe::devopts::DevOptions) -> bool {
     match check {
         Check::Rng => virtio::rng::check(pci, dev.qsize, dma, clock),
+        Check::Blk => virtio::blk::check(pci, dev, dma, clock),
+        Check::Net => virtio::net::check(pci, dev, dma, clock),
+        Check::Console => virtio::console::check(pci, dev.console_wait_ms, dev.qsize, dma, clock),
         _ => {
             emit!("PROBE {} fail not implemented yet", check.name());
             false

@@ -1,10 +1,10 @@
 //! Polling virtio drivers: the PCI transport (`pci`), split queues
 //! (`queue`) and one module per device check.
 
-// pub mod blk;
-// pub mod blkbench;
-// pub mod console;
-// pub mod net;
+pub mod blk;
+pub mod blkbench;
+pub mod console;
+pub mod net;
 pub mod pci;
 pub mod queue;
 pub mod rng;
