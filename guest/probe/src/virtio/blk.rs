@@ -11,7 +11,7 @@
 use core::fmt::Write as _;
 
 use crate::clock::Clock;
-use crate::devopts::{DevOptions, Region};
+use crate::devopts::{BlkBench, DevOptions, Region};
 use crate::dma::Dma;
 use crate::pci::{Function, Pci};
 use crate::util::{Printable, Reason, StrBuf};
@@ -373,8 +373,8 @@ pub fn check(pci: &Pci, o: &DevOptions, dma: &mut Dma, clock: &Clock) -> bool {
             emit!("PROBE blk fail {}", r);
             ok = false;
         }
-        let ro = disk.features() & F_RO != 0;
-        if let Some(b) = o.blk_bench.filter(|b| !bench_done && !(b.mode.writes() && ro)) {
+        let usable = |b: &BlkBench| !b.mode.writes() || disk.features() & F_RO == 0;
+        if let Some(b) = o.blk_bench.filter(|b| !bench_done && usable(b)) {
             bench_done = true;
             ok &= super::blkbench::run(&mut disk, &b, dma, clock);
         }
