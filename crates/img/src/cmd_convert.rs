@@ -7,6 +7,7 @@ use kiln_disk::{BlockDevice, ImageFormat, Qcow2Image};
 use crate::args::{parse, parse_size, split_opts, Arg};
 use crate::cmd_create::{create_image, target_options};
 use crate::output::Progress;
+use crate::pagebuf::PageBuf;
 use crate::{
     chain_of, chain_status, open_image, parse_format, secrets_of, ImageSpec, ImgError, OpenFlags,
 };
@@ -73,7 +74,7 @@ fn parse_snapshot_param(s: &str) -> String {
 struct Chunk {
     at: u64,
     len: u64,
-    data: Option<Vec<u8>>,
+    data: Option<PageBuf>,
 }
 
 /// Walks the sources in order and sends their contents in chunks of at most `chunk` bytes.
@@ -83,7 +84,7 @@ fn read_chunks(
     compress: bool,
     name: &str,
     tx: &std::sync::mpsc::SyncSender<Result<Chunk, ImgError>>,
-    pool: &std::sync::mpsc::Receiver<Vec<u8>>,
+    pool: &std::sync::mpsc::Receiver<PageBuf>,
 ) {
     let mut base = 0u64;
     for src in sources {
@@ -105,7 +106,7 @@ fn read_chunks(
                     let n = usize::try_from(len).unwrap_or(0);
                     let mut d = pool.try_recv().unwrap_or_default();
                     if d.len() < n {
-                        d = vec![0u8; usize::try_from(chunk).unwrap_or(n).max(n)];
+                        d = PageBuf::new(usize::try_from(chunk).unwrap_or(n).max(n));
                     }
                     src.read(pos, &mut d[..n]).map_err(ImgError::disk(name))?;
                     Some(d)
@@ -159,6 +160,16 @@ fn write_sparse(
         i = j;
     }
     Ok(())
+}
+
+/// Whether the target cache mode given with `-t` (qemu-img's default: unsafe) skips syncs.
+/// The other modes sync the target when the conversion ends.
+fn target_cache_is_unsafe(mode: Option<&str>) -> Result<bool, ImgError> {
+    match mode.unwrap_or("unsafe") {
+        "unsafe" => Ok(true),
+        "writeback" | "none" | "directsync" | "writethrough" => Ok(false),
+        other => Err(ImgError::Msg(format!("Invalid cache option: {other}"))),
+    }
 }
 
 /// `convert [-c] [-p] [-q] [-n] [-f fmt] [-O fmt] [-B backing [-F fmt]] [-o opts] [-l snap] [-S size] src... dst`
@@ -273,11 +284,15 @@ pub(crate) fn convert(args: &[String]) -> Result<i32, ImgError> {
     if dst_spec.key_secret.is_none() {
         dst_spec.key_secret = t.encrypt_secret.clone();
     }
+    // qemu-img writes conversion targets with cache=unsafe unless -t says otherwise: no
+    // syncs at all (a crash mid-conversion leaves a partial image either way).
+    let no_sync = target_cache_is_unsafe(p.get("t"))?;
     let target = open_image(
         &dst_spec,
         &secrets,
         OpenFlags {
             write: true,
+            no_sync,
             ..OpenFlags::default()
         },
     )?;
@@ -298,7 +313,7 @@ pub(crate) fn convert(args: &[String]) -> Result<i32, ImgError> {
     // this thread, which writes them (qemu-img overlaps them with coroutines).
     let (tx, rx) = std::sync::mpsc::sync_channel::<Result<Chunk, ImgError>>(4);
     // Buffers go back to the reader so that no chunk pays for a fresh zeroed allocation.
-    let (pool_tx, pool_rx) = std::sync::mpsc::channel::<Vec<u8>>();
+    let (pool_tx, pool_rx) = std::sync::mpsc::channel::<PageBuf>();
     let src_name = p.free[0].clone();
     std::thread::scope(|scope| -> Result<(), ImgError> {
         let sources = &sources;
@@ -315,7 +330,7 @@ pub(crate) fn convert(args: &[String]) -> Result<i32, ImgError> {
                 }
                 data => {
                     let n = usize::try_from(len).unwrap_or(0);
-                    let buf = data.unwrap_or_else(|| vec![0u8; n]);
+                    let buf = data.unwrap_or_else(|| PageBuf::new(n));
                     let data = &buf[..n];
                     if let Some(b) = &tbacking {
                         // Only what differs from the new backing file needs writing.
@@ -429,8 +444,8 @@ pub(crate) fn compare(args: &[String]) -> Result<i32, ImgError> {
     }
     let common = za.min(zb);
     let progress = Progress::new(p.has("p") && !quiet, za.max(zb));
-    let mut ba = vec![0u8; usize::try_from(CHUNK).unwrap_or(1 << 21)];
-    let mut bb = ba.clone();
+    let mut ba = PageBuf::new(usize::try_from(CHUNK).unwrap_or(1 << 21));
+    let mut bb = PageBuf::new(ba.len());
     let mut pos = 0;
     while pos < common {
         let lim = (CHUNK - pos % CHUNK).min(common - pos);

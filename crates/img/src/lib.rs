@@ -17,6 +17,7 @@ mod cmd_convert;
 mod cmd_create;
 mod cmd_info;
 mod output;
+mod pagebuf;
 
 use args::{split_opts, Secrets};
 

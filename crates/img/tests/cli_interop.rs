@@ -485,3 +485,33 @@ fn encrypted_images_with_secrets() {
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stderr).contains("invalid password"));
 }
+
+#[test]
+fn convert_takes_qemu_cache_modes_and_refuses_unknown_ones() {
+    require_qemu();
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path();
+    write_pattern(&dir.join("src.raw"), 1 << 20);
+    for mode in ["unsafe", "writeback", "none", "writethrough", "directsync"] {
+        kiln(
+            &[
+                "convert", "-t", mode, "-f", "raw", "-O", "qcow2", "src.raw", "k.qcow2",
+            ],
+            dir,
+        );
+        clean("k.qcow2", dir);
+        same_data("src.raw", "k.qcow2", dir);
+    }
+    let args = [
+        "convert", "-t", "bogus", "-f", "raw", "-O", "raw", "src.raw", "x.raw",
+    ];
+    let k = run(KILN, &args, dir);
+    let q = run("qemu-img", &args, dir);
+    assert!(!q.status.success());
+    assert!(!k.status.success());
+    assert!(
+        String::from_utf8_lossy(&k.stderr).contains("Invalid cache option: bogus"),
+        "{}",
+        String::from_utf8_lossy(&k.stderr)
+    );
+}
