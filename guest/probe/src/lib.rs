@@ -27,6 +27,7 @@ pub mod cpuloop;
 pub mod devopts;
 pub mod dma;
 pub mod fault;
+pub mod hostile;
 #[cfg(not(test))]
 mod intrinsics;
 pub mod io;

@@ -302,6 +302,12 @@ impl Virtqueue {
         self.publish();
     }
 
+    /// Hostile mode: used ring element `i` (id, len), without checks.
+    pub fn raw_used(&self, i: u16) -> (u32, u32) {
+        let elem = self.rings.used + 4 + 8 * u64::from(i % self.size);
+        (rd32(elem), rd32(elem + 4))
+    }
+
     /// The device's `used.idx` (to see whether it moved at all).
     pub fn used_idx(&self) -> u16 {
         rd16(self.rings.used + 2)
