@@ -11,7 +11,6 @@ use std::time::{Duration, Instant};
 
 use kiln_devices::virtio::{ActiveQueue, GuestMemory, InterruptKind, VirtioInterrupt};
 use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
-use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
@@ -37,16 +36,26 @@ pub(crate) struct TestDriver {
 }
 
 impl TestDriver {
-    /// A queue of `size` entries whose rings start at `base`, laid out as virtio-queue's mock
-    /// queue lays them out.
+    /// A queue of `size` entries whose rings start at `base`, packed as the specification
+    /// allows. (virtio-queue 0.18's `MockSplitQueue` places the used ring `size` bytes after
+    /// the available ring's start, inside it, so it is not used for layout here.)
     pub fn new(mem: &GuestMemory, base: u64, size: u16) -> Self {
-        let mock = MockSplitQueue::create(mem, GuestAddress(base), size);
+        let n = u64::from(size);
+        let avail = base + 16 * n;
+        let used = (avail + 6 + 2 * n).div_ceil(4) * 4;
+        assert!(
+            used + 6 + 8 * n <= base + 0x1_0000,
+            "rings overlap the buffer heap"
+        );
+        for a in (base..used + 6 + 8 * n).step_by(8) {
+            mem.write_obj(0u64, GuestAddress(a)).unwrap();
+        }
         TestDriver {
             mem: mem.clone(),
             size,
-            desc: mock.desc_table_addr(),
-            avail: mock.avail_addr(),
-            used: mock.used_addr(),
+            desc: GuestAddress(base),
+            avail: GuestAddress(avail),
+            used: GuestAddress(used),
             next_desc: 0,
             avail_idx: 0,
             used_seen: 0,
@@ -177,10 +186,13 @@ impl TestDriver {
 
     /// The used ring's index as the device last wrote it.
     pub fn used_idx(&self) -> u16 {
-        std::sync::atomic::fence(Ordering::Acquire);
-        self.mem
+        let idx = self
+            .mem
             .read_obj::<u16>(GuestAddress(self.used.0 + 2))
-            .unwrap()
+            .unwrap();
+        // Entries up to idx are read after idx.
+        std::sync::atomic::fence(Ordering::Acquire);
+        idx
     }
 
     /// The next used entry, if the device produced one.

@@ -10,6 +10,8 @@ mod request;
 mod worker;
 
 #[cfg(test)]
+mod bench;
+#[cfg(test)]
 mod tests;
 
 use std::path::PathBuf;
@@ -42,7 +44,7 @@ pub const MAX_QUEUES: u16 = 16;
 /// Default entries per queue.
 pub const DEFAULT_QUEUE_SIZE: u16 = 256;
 /// Default busy-poll budget after a round that did work, in microseconds.
-pub const DEFAULT_POLL_US: u32 = 50;
+pub const DEFAULT_POLL_US: u32 = 0;
 /// Largest segment the driver may use (SIZE_MAX).
 const SIZE_MAX: u32 = 1 << 20;
 /// Largest discard or write-zeroes segment, in sectors.
