@@ -380,6 +380,18 @@ mod tests {
     }
 
     #[test]
+    fn reads_qemu_microvm_dsdt() {
+        // The DSDT QEMU 7.2 gives `-M microvm,pcie=on` (dumped by the probe).
+        let dsdt = include_bytes!("../testdata/qemu-7.2-microvm-pcie-dsdt.bin");
+        assert_eq!(&dsdt[..4], b"DSDT");
+        let hb = parse_host_bridge(&dsdt[36..]).unwrap();
+        assert_eq!(hb.cba, Some(0xe000_0000));
+        assert_eq!(hb.buses(), Some((0, 255)));
+        let mem: Vec<_> = hb.windows().iter().filter(|w| w.kind == WindowKind::Mem).map(|w| (w.start, w.end)).collect();
+        assert_eq!(mem, vec![(0xc000_0000, 0xe000_0000), (0xc000_0000_0000, 0x1_0000_0000_0000)]);
+    }
+
+    #[test]
     fn decodes_pkg_lengths_and_integers() {
         assert_eq!(pkg_length(&[0x3f]), Some((0x3f, 1)));
         assert_eq!(pkg_length(&[0x41, 0x02]), Some((0x21, 2)));
