@@ -10,11 +10,12 @@ const MIB: u64 = 1 << 20;
 const GIB: u64 = 1 << 30;
 
 /// The map kiln promises: low RAM, the reserved legacy area, RAM from 1 MiB to the 32-bit
-/// hole at 3 GiB, and the rest above 4 GiB.
+/// hole at 3 GiB, the PCI ECAM area (reserved), and the rest above 4 GiB.
 fn expected_e820(mem: u64) -> Vec<(u64, u64, u32)> {
     let mut m = vec![(0, 0x9fc00, 1), (0x9fc00, 0x60400, 2)];
     let low = mem.min(3 * GIB);
     m.push((MIB, low - MIB, 1));
+    m.push((0xe000_0000, MIB, 2));
     if mem > 3 * GIB {
         m.push((4 * GIB, mem - 3 * GIB, 1));
     }

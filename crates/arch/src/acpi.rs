@@ -1,6 +1,11 @@
 //! ACPI tables: RSDP, XSDT, FADT (+FACS), DSDT and MADT, written into the BIOS area so that
 //! both the boot-protocol pointer and a legacy scan find them.
 //!
+//! The PCI host bridge is `\_SB_.PCI0` (PNP0A08, compatible PNP0A03) with its bus range,
+//! the 0xCF8 configuration ports and the MMIO windows in `_CRS`; its ECAM area is in MCFG
+//! and, as a motherboard resource, in `\_SB_.MRES` (PNP0C02). No `_PRT`: kiln's PCI
+//! devices interrupt through MSI-X only.
+//!
 //! Power management is "full" ACPI (not hardware-reduced): PM1a event/control blocks at
 //! [`acpi_ports`], `\_S5` = SLP_TYP 5, and a one-byte reset register. Processors are listed
 //! in the MADT: a Local APIC entry for APIC ids below 255, a Local x2APIC entry above.
@@ -9,6 +14,7 @@ use acpi_tables::aml;
 use acpi_tables::facs::FACS;
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
+use acpi_tables::mcfg::MCFG;
 use acpi_tables::rsdp::Rsdp;
 use acpi_tables::sdt::Sdt;
 use acpi_tables::xsdt::XSDT;
@@ -48,6 +54,28 @@ pub enum AcpiError {
 pub struct AcpiConfig {
     /// Number of vCPUs; vCPU `i` has APIC id `i`.
     pub cpus: u32,
+    /// The PCI host bridge, when there is one.
+    pub pci: Option<PciHostConfig>,
+}
+
+/// Where the PCI host bridge decodes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PciHostConfig {
+    /// ECAM base (the address of bus 0).
+    pub ecam_base: u64,
+    /// Last bus number (buses `0..=bus_last`).
+    pub bus_last: u8,
+    /// 32-bit MMIO window `(start, size)`.
+    pub mmio32: (u64, u64),
+    /// 64-bit MMIO window `(start, size)`, if any.
+    pub mmio64: Option<(u64, u64)>,
+}
+
+impl PciHostConfig {
+    /// Bytes of ECAM for the bus range.
+    pub fn ecam_size(&self) -> u64 {
+        (u64::from(self.bus_last) + 1) << 20
+    }
 }
 
 fn bytes_of(table: &dyn Aml) -> Vec<u8> {
@@ -80,7 +108,78 @@ impl<M: GuestMemoryBackend> Placer<'_, M> {
     }
 }
 
-fn dsdt() -> Vec<u8> {
+/// `\_SB_.PCI0` and the motherboard resource that reserves its ECAM area.
+fn pci_host(pci: &PciHostConfig, out: &mut Vec<u8>) {
+    let last = |start: u64, size: u64| start + size.saturating_sub(1);
+    let bus = aml::AddressSpace::new_bus_number(0u16, u16::from(pci.bus_last));
+    let cfg_io = aml::IO::new(0xcf8, 0xcf8, 1, 8);
+    let (m32, m32_size) = pci.mmio32;
+    let mmio32 = aml::AddressSpace::new_memory(
+        aml::AddressSpaceCacheable::NotCacheable,
+        true,
+        u32::try_from(m32).unwrap_or(u32::MAX),
+        u32::try_from(last(m32, m32_size)).unwrap_or(u32::MAX),
+        None,
+    );
+    let mmio64 = pci.mmio64.map(|(start, size)| {
+        aml::AddressSpace::new_memory(
+            aml::AddressSpaceCacheable::NotCacheable,
+            true,
+            start,
+            last(start, size),
+            None,
+        )
+    });
+    let mut resources: Vec<&dyn Aml> = vec![&bus, &cfg_io, &mmio32];
+    if let Some(m) = &mmio64 {
+        resources.push(m);
+    }
+    let crs = aml::ResourceTemplate::new(resources);
+    let hid = aml::EISAName::new("PNP0A08");
+    let cid = aml::EISAName::new("PNP0A03");
+    let parts = [
+        aml::Name::new("_HID".into(), &hid),
+        aml::Name::new("_CID".into(), &cid),
+        aml::Name::new("_ADR".into(), &aml::ZERO),
+        aml::Name::new("_SEG".into(), &aml::ZERO),
+        aml::Name::new("_UID".into(), &aml::ZERO),
+        aml::Name::new("_BBN".into(), &aml::ZERO),
+        aml::Name::new("_CRS".into(), &crs),
+    ];
+    let pci0 = aml::Device::new(
+        "_SB_.PCI0".into(),
+        parts.iter().map(|n| n as &dyn Aml).collect(),
+    );
+    out.extend_from_slice(&bytes_of(&pci0));
+
+    let ecam = aml::AddressSpace::new_memory(
+        aml::AddressSpaceCacheable::NotCacheable,
+        false,
+        pci.ecam_base,
+        last(pci.ecam_base, pci.ecam_size()),
+        None,
+    );
+    let mres_crs = aml::ResourceTemplate::new(vec![&ecam]);
+    let mres_hid = aml::EISAName::new("PNP0C02");
+    let mres_parts = [
+        aml::Name::new("_HID".into(), &mres_hid),
+        aml::Name::new("_UID".into(), &aml::ONE),
+        aml::Name::new("_CRS".into(), &mres_crs),
+    ];
+    let mres = aml::Device::new(
+        "_SB_.MRES".into(),
+        mres_parts.iter().map(|n| n as &dyn Aml).collect(),
+    );
+    out.extend_from_slice(&bytes_of(&mres));
+}
+
+fn mcfg(pci: &PciHostConfig) -> Vec<u8> {
+    let mut m = MCFG::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    m.add_ecam(pci.ecam_base, 0, 0, pci.bus_last);
+    bytes_of(&m)
+}
+
+fn dsdt(pci: Option<&PciHostConfig>) -> Vec<u8> {
     let mut dsdt = Sdt::new(*b"DSDT", 36, 6, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
     let s5_pkg = aml::Package::new(vec![&acpi_ports::SLP_TYP_S5, &0u8, &0u8, &0u8]);
     let s5 = aml::Name::new("_S5_".into(), &s5_pkg);
@@ -127,6 +226,11 @@ fn dsdt() -> Vec<u8> {
     let sb = aml::Scope::new("_SB_".into(), vec![]);
     for part in [&s5 as &dyn Aml, &sb, &com1, &rtc, &kbd] {
         dsdt.append_slice(&bytes_of(part));
+    }
+    if let Some(pci) = pci {
+        let mut host = Vec::new();
+        pci_host(pci, &mut host);
+        dsdt.append_slice(&host);
     }
     dsdt.as_slice().to_vec()
 }
@@ -217,12 +321,19 @@ pub fn write_tables<M: GuestMemoryBackend>(mem: &M, cfg: &AcpiConfig) -> Result<
         next: ACPI_START + 64,
     };
     let facs = p.place("FACS", &bytes_of(&FACS::new()))?;
-    let dsdt = p.place("DSDT", &dsdt())?;
+    let dsdt = p.place("DSDT", &dsdt(cfg.pci.as_ref()))?;
     let fadt = p.place("FACP", &fadt(dsdt, facs))?;
     let madt = p.place("APIC", &madt(cfg.cpus))?;
+    let mcfg = match &cfg.pci {
+        Some(pci) => Some(p.place("MCFG", &mcfg(pci))?),
+        None => None,
+    };
     let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
     xsdt.add_entry(fadt);
     xsdt.add_entry(madt);
+    if let Some(mcfg) = mcfg {
+        xsdt.add_entry(mcfg);
+    }
     let xsdt = p.place("XSDT", &bytes_of(&xsdt))?;
     let rsdp = bytes_of(&Rsdp::new(OEM_ID, xsdt));
     mem.write_slice(&rsdp, GuestAddress(ACPI_START))
@@ -249,9 +360,23 @@ mod tests {
         v
     }
 
+    const PCI: PciHostConfig = PciHostConfig {
+        ecam_base: 0xe000_0000,
+        bus_last: 0,
+        mmio32: (0xc000_0000, 0x2000_0000),
+        mmio64: Some((0x1_0000_0000, 1 << 40)),
+    };
+
     fn tables(cpus: u32) -> (GuestMemoryMmap, Vec<Vec<u8>>) {
+        tables_with(AcpiConfig {
+            cpus,
+            pci: Some(PCI),
+        })
+    }
+
+    fn tables_with(cfg: AcpiConfig) -> (GuestMemoryMmap, Vec<Vec<u8>>) {
         let m = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
-        let rsdp_addr = write_tables(&m, &AcpiConfig { cpus }).unwrap();
+        let rsdp_addr = write_tables(&m, &cfg).unwrap();
         let mut rsdp = [0u8; 36];
         m.read_slice(&mut rsdp, GuestAddress(rsdp_addr)).unwrap();
         assert_eq!(&rsdp[..8], b"RSD PTR ");
@@ -281,6 +406,42 @@ mod tests {
         assert!(checksum_ok(&dsdt));
         assert!(dsdt.windows(4).any(|w| w == b"_S5_"));
         assert_eq!(u32::from_le_bytes(fadt[64..68].try_into().unwrap()), 0x604);
+    }
+
+    #[test]
+    fn mcfg_gives_the_ecam_base_and_bus_range() {
+        let (_, t) = tables(1);
+        let mcfg = t.iter().find(|t| &t[..4] == b"MCFG").expect("MCFG");
+        assert_eq!(mcfg.len(), 44 + 16);
+        let entry = &mcfg[44..];
+        assert_eq!(
+            u64::from_le_bytes(entry[..8].try_into().unwrap()),
+            0xe000_0000
+        );
+        assert_eq!(u16::from_le_bytes(entry[8..10].try_into().unwrap()), 0);
+        assert_eq!((entry[10], entry[11]), (0, 0));
+    }
+
+    #[test]
+    fn dsdt_has_the_pci_root_with_its_windows() {
+        let (m, t) = tables(1);
+        let fadt = t.iter().find(|t| &t[..4] == b"FACP").unwrap();
+        let dsdt = read_table(&m, u64::from_le_bytes(fadt[140..148].try_into().unwrap()));
+        let has = |needle: &[u8]| dsdt.windows(needle.len()).any(|w| w == needle);
+        assert!(has(b"PCI0") && has(b"MRES"));
+        // EISA ids PNP0A08 and PNP0A03, compressed.
+        assert!(has(&[0x41, 0xd0, 0x0a, 0x08]) && has(&[0x41, 0xd0, 0x0a, 0x03]));
+        // The 0xCF8 ports: IO descriptor, decode16, min, max, align 1, length 8.
+        assert!(has(&[0x47, 0x01, 0xf8, 0x0c, 0xf8, 0x0c, 0x01, 0x08]));
+        // The 32-bit window's minimum and maximum, and the 64-bit window's minimum.
+        assert!(has(&[0x00, 0x00, 0x00, 0xc0, 0xff, 0xff, 0xff, 0xdf]));
+        assert!(has(&0x1_0000_0000u64.to_le_bytes()));
+    }
+
+    #[test]
+    fn no_pci_means_no_mcfg_and_no_root() {
+        let (_, t) = tables_with(AcpiConfig { cpus: 1, pci: None });
+        assert!(t.iter().all(|t| &t[..4] != b"MCFG"));
     }
 
     #[test]

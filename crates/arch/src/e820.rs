@@ -1,6 +1,6 @@
 //! The e820 memory map kiln reports to the guest.
 
-use crate::layout::{ram_ranges, EBDA_START, HIMEM_START};
+use crate::layout::{ram_ranges, EBDA_START, HIMEM_START, PCI_ECAM_SIZE, PCI_ECAM_START};
 
 /// Usable RAM.
 pub const E820_RAM: u32 = 1;
@@ -19,8 +19,9 @@ pub struct E820Entry {
 }
 
 /// The map for a guest with `mem_size` bytes of RAM: low RAM up to the EBDA, the legacy
-/// area reserved (it holds the ACPI tables), RAM from 1 MiB to the 32-bit MMIO hole, and
-/// whatever is left above 4 GiB.
+/// area reserved (it holds the ACPI tables), RAM from 1 MiB to the 32-bit MMIO hole, the
+/// PCI ECAM area reserved (operating systems check that MCFG's range is), and whatever RAM
+/// is left above 4 GiB.
 pub fn e820_map(mem_size: u64) -> Vec<E820Entry> {
     let mut map = vec![
         E820Entry {
@@ -34,9 +35,17 @@ pub fn e820_map(mem_size: u64) -> Vec<E820Entry> {
             kind: E820_RESERVED,
         },
     ];
+    let ecam = E820Entry {
+        addr: PCI_ECAM_START,
+        size: PCI_ECAM_SIZE,
+        kind: E820_RESERVED,
+    };
     for (start, size) in ram_ranges(mem_size) {
         let end = start + size;
         let start = start.max(HIMEM_START);
+        if start >= PCI_ECAM_START + PCI_ECAM_SIZE && !map.contains(&ecam) {
+            map.push(ecam);
+        }
         if end > start {
             map.push(E820Entry {
                 addr: start,
@@ -44,6 +53,9 @@ pub fn e820_map(mem_size: u64) -> Vec<E820Entry> {
                 kind: E820_RAM,
             });
         }
+    }
+    if !map.contains(&ecam) {
+        map.push(ecam);
     }
     map
 }
@@ -56,7 +68,7 @@ mod tests {
     #[test]
     fn small_guest_map_reserves_legacy_area() {
         let map = e820_map(256 << 20);
-        assert_eq!(map.len(), 3);
+        assert_eq!(map.len(), 4);
         assert_eq!(
             map[1],
             E820Entry {
@@ -78,15 +90,27 @@ mod tests {
     #[test]
     fn large_guest_map_leaves_the_mmio_hole_out() {
         let map = e820_map(8 << 30);
-        assert_eq!(map.len(), 4);
+        assert_eq!(map.len(), 5);
         assert_eq!(map[2].addr + map[2].size, MMIO_HOLE_START);
-        assert_eq!(map[3].addr, MMIO_HOLE_END);
+        assert_eq!(map[4].addr, MMIO_HOLE_END);
         let ram: u64 = map
             .iter()
             .filter(|e| e.kind == E820_RAM)
             .map(|e| e.size)
             .sum();
         assert_eq!(ram, (8 << 30) - (HIMEM_START - EBDA_START));
+    }
+
+    #[test]
+    fn ecam_is_reserved_whatever_the_memory_size() {
+        for mem in [16u64 << 20, 3 << 30, 8 << 30] {
+            let map = e820_map(mem);
+            let ecam = map
+                .iter()
+                .find(|e| e.addr == PCI_ECAM_START)
+                .expect("ECAM entry");
+            assert_eq!((ecam.size, ecam.kind), (PCI_ECAM_SIZE, E820_RESERVED));
+        }
     }
 
     #[test]

@@ -8,6 +8,18 @@
 //! 0x0010_0000  RAM continues (kernel)      0xc000_0000  32-bit MMIO hole up to 4 GiB
 //! 0x1_0000_0000  RAM above 4 GiB
 //! ```
+//!
+//! The 32-bit MMIO hole:
+//!
+//! ```text
+//! 0xc000_0000  PCI 32-bit MMIO window (512 MiB): BARs
+//! 0xe000_0000  PCI ECAM, bus 0 only (1 MiB; reserved in e820)
+//! 0xf000_0000  virtio-mmio devices, 4 KiB each (16 MiB)
+//! 0xfec0_0000  IOAPIC          0xfee0_0000  LAPIC          0xfffb_d000  KVM TSS (3 pages)
+//! ```
+//!
+//! Above RAM (and above 4 GiB), aligned to 1 GiB: the PCI 64-bit MMIO window, up to 1 TiB
+//! and below the host's physical-address limit ([`pci_mmio64_window`]).
 
 /// Boot GDT.
 pub const GDT_ADDR: u64 = 0x500;
@@ -43,6 +55,32 @@ pub const IOAPIC_ADDR: u64 = 0xfec0_0000;
 pub const LAPIC_ADDR: u64 = 0xfee0_0000;
 /// Intel VMX needs three pages for its real-mode TSS; they sit at the top of the hole.
 pub const KVM_TSS_ADDR: u64 = 0xfffb_d000;
+
+/// PCI 32-bit MMIO window: where BARs go first.
+pub const PCI_MMIO32_START: u64 = 0xc000_0000;
+/// Size of the 32-bit window.
+pub const PCI_MMIO32_SIZE: u64 = 0x2000_0000;
+/// PCI Express enhanced configuration space (ECAM) of bus 0: 4 KiB per function.
+pub const PCI_ECAM_START: u64 = 0xe000_0000;
+/// ECAM size: one bus (32 devices x 8 functions x 4 KiB).
+pub const PCI_ECAM_SIZE: u64 = 0x10_0000;
+/// The only PCI bus kiln emulates.
+pub const PCI_BUS_LAST: u8 = 0;
+/// virtio-mmio devices: one [`VIRTIO_MMIO_SIZE`] slot each, from here.
+pub const VIRTIO_MMIO_START: u64 = 0xf000_0000;
+/// Space for virtio-mmio devices.
+pub const VIRTIO_MMIO_AREA: u64 = 0x100_0000;
+/// The register block of one virtio-mmio device.
+pub const VIRTIO_MMIO_SIZE: u64 = 0x1000;
+/// IOAPIC pins (GSIs) virtio-mmio devices may use, in order: ISA lines nothing else uses,
+/// then the PCI-range pins.
+pub const VIRTIO_MMIO_GSIS: [u32; 15] = [5, 6, 7, 10, 11, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23];
+/// GSIs KVM routes to the IOAPIC (and, below 16, the PICs) by default.
+pub const IOAPIC_PINS: u32 = 24;
+/// Alignment and granule of the 64-bit window.
+const PCI_MMIO64_ALIGN: u64 = 1 << 30;
+/// Largest 64-bit window.
+const PCI_MMIO64_MAX: u64 = 1 << 40;
 
 /// ACPI fixed-hardware I/O ports (our PM block).
 pub mod acpi_ports {
@@ -94,12 +132,38 @@ pub fn ram_ranges(mem_size: u64) -> Vec<(u64, u64)> {
     }
 }
 
+/// The PCI 64-bit MMIO window `(start, size)` for `mem_size` bytes of RAM on a host with
+/// `phys_bits` physical-address bits: from the first 1 GiB boundary above RAM (and above
+/// 4 GiB), at most 1 TiB, ending below `2^phys_bits`. `None` when not even 1 GiB fits.
+pub fn pci_mmio64_window(mem_size: u64, phys_bits: u32) -> Option<(u64, u64)> {
+    let ram_end = ram_ranges(mem_size)
+        .last()
+        .map_or(0, |(s, l)| s.saturating_add(*l));
+    let start = ram_end
+        .max(MMIO_HOLE_END)
+        .checked_next_multiple_of(PCI_MMIO64_ALIGN)?;
+    let limit = if phys_bits >= 64 {
+        u64::MAX
+    } else {
+        1u64 << phys_bits
+    };
+    let size = limit.checked_sub(start)?.min(PCI_MMIO64_MAX);
+    let size = size - size % PCI_MMIO64_ALIGN;
+    (size > 0).then_some((start, size))
+}
+
 // The boot structures must not overlap one another.
 const _: () = {
     assert!(BOOT_STACK_TOP < PML4_ADDR);
     assert!(PVH_MEMMAP_ADDR + 128 * 24 + 32 <= ZERO_PAGE_ADDR);
     assert!(PML4_ADDR + 6 * 0x1000 <= CMDLINE_ADDR);
     assert!(CMDLINE_ADDR + CMDLINE_MAX_SIZE as u64 <= EBDA_START);
+    // The hole's tenants, in order, without overlap.
+    assert!(MMIO_HOLE_START <= PCI_MMIO32_START);
+    assert!(PCI_MMIO32_START + PCI_MMIO32_SIZE <= PCI_ECAM_START);
+    assert!(PCI_ECAM_START + PCI_ECAM_SIZE <= VIRTIO_MMIO_START);
+    assert!(VIRTIO_MMIO_START + VIRTIO_MMIO_AREA <= IOAPIC_ADDR);
+    assert!(IOAPIC_ADDR < LAPIC_ADDR && LAPIC_ADDR < KVM_TSS_ADDR);
 };
 
 #[cfg(test)]
@@ -122,5 +186,22 @@ mod tests {
             ]
         );
         assert_eq!(r.iter().map(|(_, s)| s).sum::<u64>(), 8 << 30);
+    }
+
+    #[test]
+    fn mmio64_window_starts_above_ram_and_ends_below_the_host_limit() {
+        assert_eq!(pci_mmio64_window(256 << 20, 48), Some((4 << 30, 1 << 40)));
+        // 8 GiB of RAM ends at 9 GiB; the window starts there.
+        assert_eq!(pci_mmio64_window(8 << 30, 48), Some((9 << 30, 1 << 40)));
+        // A small physical address space caps the window.
+        assert_eq!(
+            pci_mmio64_window(8 << 30, 36),
+            Some((9 << 30, (64 - 9) << 30))
+        );
+        // RAM right up to the limit leaves no room.
+        assert_eq!(pci_mmio64_window((64 << 30) - (1 << 30), 36), None);
+        // Unaligned RAM ends round up.
+        let (start, _) = pci_mmio64_window((5 << 30) + 4096, 48).unwrap();
+        assert_eq!(start, 7 << 30);
     }
 }

@@ -2,9 +2,13 @@
 //!
 //! A bus maps non-overlapping `[base, base + len)` ranges to devices. vCPU threads look up
 //! the device for each exit and call it with the offset into its range.
+//!
+//! Ranges can change while vCPUs run (a guest moving a PCI BAR): the map sits behind a
+//! read-write lock that a lookup holds only to find the device, never while calling it, so a
+//! device may itself move ranges on the bus it was reached through.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
 /// A device on a bus. `offset` is relative to the range's `base`.
 pub trait BusDevice: Send {
@@ -37,6 +41,9 @@ pub enum BusError {
         /// Length of the existing range.
         other_len: u64,
     },
+    /// No range starts at this address.
+    #[error("no bus range at {0:#x}")]
+    NotFound(u64),
 }
 
 /// A device shared between the bus and whoever else drives it (e.g. the serial input).
@@ -49,9 +56,33 @@ struct Entry {
 }
 
 /// An address-range bus.
-#[derive(Clone, Default)]
+#[derive(Default)]
 pub struct Bus {
-    ranges: BTreeMap<u64, Entry>,
+    ranges: RwLock<BTreeMap<u64, Entry>>,
+}
+
+fn check_free(
+    ranges: &BTreeMap<u64, Entry>,
+    base: u64,
+    len: u64,
+    ignore: Option<u64>,
+) -> Result<(), BusError> {
+    let end = base
+        .checked_add(len)
+        .filter(|_| len > 0)
+        .ok_or(BusError::InvalidRange { base, len })?;
+    // The last range starting below `end` (other than the one being moved) must end by `base`.
+    if let Some((&b, e)) = ranges.range(..end).rev().find(|(&b, _)| Some(b) != ignore) {
+        if b + e.len > base {
+            return Err(BusError::Overlap {
+                base,
+                len,
+                other_base: b,
+                other_len: e.len,
+            });
+        }
+    }
+    Ok(())
 }
 
 impl Bus {
@@ -60,38 +91,56 @@ impl Bus {
         Self::default()
     }
 
+    fn map(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<u64, Entry>> {
+        self.ranges.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn map_mut(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<u64, Entry>> {
+        self.ranges.write().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Puts `device` at `[base, base + len)`.
-    pub fn insert(&mut self, device: SharedDevice, base: u64, len: u64) -> Result<(), BusError> {
-        let end = base
-            .checked_add(len)
-            .filter(|_| len > 0)
-            .ok_or(BusError::InvalidRange { base, len })?;
-        let clash = |(&b, e): (&u64, &Entry)| BusError::Overlap {
-            base,
-            len,
-            other_base: b,
-            other_len: e.len,
-        };
-        if let Some(prev) = self.ranges.range(..end).next_back() {
-            if prev.0 + prev.1.len > base {
-                return Err(clash(prev));
-            }
-        }
-        self.ranges.insert(base, Entry { len, device });
+    pub fn insert(&self, device: SharedDevice, base: u64, len: u64) -> Result<(), BusError> {
+        let mut map = self.map_mut();
+        check_free(&map, base, len, None)?;
+        map.insert(base, Entry { len, device });
         Ok(())
     }
 
-    fn find(&self, addr: u64, size: usize) -> Option<(u64, &Entry)> {
-        let (&base, entry) = self.ranges.range(..=addr).next_back()?;
+    /// Takes the range starting at `base` off the bus; returns its device.
+    pub fn remove(&self, base: u64) -> Result<SharedDevice, BusError> {
+        self.map_mut()
+            .remove(&base)
+            .map(|e| e.device)
+            .ok_or(BusError::NotFound(base))
+    }
+
+    /// Moves the range starting at `old` to start at `new` (same length), in one step: an
+    /// access sees the device at one place or the other. Fails, changing nothing, if the
+    /// new place overlaps another range.
+    pub fn relocate(&self, old: u64, new: u64) -> Result<(), BusError> {
+        let mut map = self.map_mut();
+        let len = map.get(&old).ok_or(BusError::NotFound(old))?.len;
+        check_free(&map, new, len, Some(old))?;
+        if let Some(e) = map.remove(&old) {
+            map.insert(new, e);
+        }
+        Ok(())
+    }
+
+    /// The device whose range holds `[addr, addr + size)`, with the range's base.
+    fn find(&self, addr: u64, size: usize) -> Option<(u64, SharedDevice)> {
+        let map = self.map();
+        let (&base, entry) = map.range(..=addr).next_back()?;
         let offset = addr - base;
-        (offset.checked_add(size as u64)? <= entry.len).then_some((base, entry))
+        (offset.checked_add(size as u64)? <= entry.len).then(|| (base, entry.device.clone()))
     }
 
     /// Dispatches a read; returns false (and leaves `data` as is) when no device claims it.
     pub fn read(&self, addr: u64, data: &mut [u8]) -> bool {
         match self.find(addr, data.len()) {
-            Some((base, e)) => {
-                lock(&e.device).read(base, addr - base, data);
+            Some((base, device)) => {
+                lock(&device).read(base, addr - base, data);
                 true
             }
             None => false,
@@ -101,8 +150,8 @@ impl Bus {
     /// Dispatches a write; returns false when no device claims it.
     pub fn write(&self, addr: u64, data: &[u8]) -> bool {
         match self.find(addr, data.len()) {
-            Some((base, e)) => {
-                lock(&e.device).write(base, addr - base, data);
+            Some((base, device)) => {
+                lock(&device).write(base, addr - base, data);
                 true
             }
             None => false,
@@ -137,7 +186,7 @@ mod tests {
     #[test]
     fn dispatches_with_offset_and_rejects_straddling_access() {
         let dev = Arc::new(Mutex::new(Recorder::default()));
-        let mut bus = Bus::new();
+        let bus = Bus::new();
         bus.insert(dev.clone(), 0x3f8, 8).unwrap();
         assert!(bus.write(0x3fa, &[7]));
         assert_eq!(dev.lock().unwrap().last, Some((0x3f8, 2, vec![7])));
@@ -151,7 +200,7 @@ mod tests {
 
     #[test]
     fn rejects_overlaps_and_empty_ranges() {
-        let mut bus = Bus::new();
+        let bus = Bus::new();
         let d = || Arc::new(Mutex::new(Recorder::default())) as SharedDevice;
         bus.insert(d(), 0x100, 0x10).unwrap();
         assert!(matches!(
@@ -172,5 +221,50 @@ mod tests {
         ));
         bus.insert(d(), 0x110, 1).unwrap();
         bus.insert(d(), 0xf0, 0x10).unwrap();
+    }
+
+    #[test]
+    fn relocates_a_range_or_refuses_an_overlapping_move() {
+        let bus = Bus::new();
+        let dev = Arc::new(Mutex::new(Recorder::default()));
+        bus.insert(dev.clone(), 0x1000, 0x100).unwrap();
+        bus.insert(Arc::new(Mutex::new(Recorder::default())), 0x3000, 0x100)
+            .unwrap();
+        // Overlapping its own old place is fine.
+        bus.relocate(0x1000, 0x1080).unwrap();
+        assert!(bus.write(0x1090, &[1]));
+        assert_eq!(dev.lock().unwrap().last, Some((0x1080, 0x10, vec![1])));
+        assert!(!bus.write(0x1000, &[1]));
+        assert!(matches!(
+            bus.relocate(0x1080, 0x2f80),
+            Err(BusError::Overlap { .. })
+        ));
+        assert!(bus.write(0x1080, &[2]), "a refused move changes nothing");
+        assert_eq!(
+            bus.relocate(0x5000, 0x6000),
+            Err(BusError::NotFound(0x5000))
+        );
+        bus.remove(0x1080).unwrap();
+        assert!(!bus.write(0x1080, &[3]));
+        assert!(bus.remove(0x1080).is_err());
+    }
+
+    #[test]
+    fn a_device_may_move_itself_from_inside_an_access() {
+        struct Mover(Arc<Bus>);
+        impl BusDevice for Mover {
+            fn read(&mut self, _: u64, _: u64, _: &mut [u8]) {}
+            fn write(&mut self, base: u64, _: u64, _: &[u8]) {
+                self.0.relocate(base, base + 0x1000).unwrap();
+            }
+        }
+        let bus = Arc::new(Bus::new());
+        bus.insert(Arc::new(Mutex::new(Mover(bus.clone()))), 0x1000, 0x10)
+            .unwrap();
+        assert!(bus.write(0x1000, &[0]));
+        assert!(bus.write(0x2000, &[0]));
+        assert!(!bus.write(0x2000, &[0]));
+        // Break the Arc cycle.
+        bus.remove(0x3000).unwrap();
     }
 }

@@ -5,7 +5,9 @@
 //! VMM wires to an irqfd) and ask for power-off or reset through [`ExitHandle`].
 
 pub mod bus;
+pub mod hooks;
 pub mod legacy;
+pub mod pci;
 pub mod ratelimit;
 pub mod virtio;
 

@@ -261,7 +261,7 @@ fn attach_legacy_devices(
     )));
 
     let (below_4g, above_4g) = split_memory(cfg.memory);
-    let mut pio = Bus::new();
+    let pio = Bus::new();
     pio.insert(serial.clone(), u64::from(ports::COM1), 8)?;
     pio.insert(
         Arc::new(Mutex::new(I8042::new(exit.clone(), None))),
@@ -292,7 +292,7 @@ fn pending_ram_bus(
     deferred: &[SlotSpec],
     progress: &Arc<DeferredSlots>,
 ) -> Result<Arc<Bus>, VmError> {
-    let mut mmio = Bus::new();
+    let mmio = Bus::new();
     for (index, s) in deferred.iter().enumerate() {
         let pending = memory::PendingRam::new(mem.clone(), index, progress.clone());
         mmio.insert(Arc::new(Mutex::new(pending)), s.gpa, s.size)?;
@@ -310,7 +310,13 @@ fn load_guest(mem: &GuestMemory, cfg: &VmConfig) -> Result<EntryPoint, VmError> 
         None => None,
     };
     let cmdline_len = boot::write_cmdline(mem, &cfg.cmdline)?;
-    let rsdp = acpi::write_tables(mem, &AcpiConfig { cpus: cfg.cpus })?;
+    let rsdp = acpi::write_tables(
+        mem,
+        &AcpiConfig {
+            cpus: cfg.cpus,
+            pci: None,
+        },
+    )?;
     let e820 = e820::e820_map(cfg.memory);
     let info = BootInfo {
         e820: &e820,

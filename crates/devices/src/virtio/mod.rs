@@ -14,6 +14,10 @@
 //! [`VirtioInterrupt::needs_reset`]; the transport then sets DEVICE_NEEDS_RESET and the
 //! driver must reset the device. Nothing a guest does may panic or stop the VMM.
 
+pub mod mmio;
+pub mod pci;
+pub mod transport;
+
 use std::sync::Arc;
 
 use vmm_sys_util::eventfd::EventFd;
