@@ -475,6 +475,13 @@ pub fn check(pci: Result<&Pci, &Reason>, e820: &[E820Entry], acpi: &Acpi) -> boo
         if let Some(f) = pci.functions().iter().find(|f| f.problem.is_some()) {
             return Err(reason!("{}: {}", f.bdf, f.problem.unwrap_or_default()));
         }
+        if let Config::Ecam(e) = pci.config {
+            let (start, end) = e.range();
+            let ram = e820.iter().find(|r| [1, 3, 4].contains(&r.kind) && r.addr < end && start < r.end());
+            if let Some(r) = ram {
+                return Err(reason!("ECAM {:#x}-{:#x} overlaps e820 type {} at {:#x}", start, end, r.kind, r.addr));
+            }
+        }
         layout::check(pci.functions(), &layout::Context::new(pci, e820, acpi), &pci.config)?;
         compare_cf8(pci)
     })();

@@ -168,6 +168,7 @@ impl Disk {
         let raw = self.buf(20);
         let n = raw.iter().position(|&b| b == 0).unwrap_or(20);
         let mut out = StrBuf::new();
+        let _ = write!(out, "{}", if n == 0 { "none" } else { "" });
         let _ = write!(out, "{}", Printable(&raw[..n]));
         Ok(Some(out))
     }
@@ -342,7 +343,7 @@ fn exercise(disk: &mut Disk, o: &DevOptions, clock: &Clock) -> Result<(), Reason
             line
         ),
         None => emit!(
-            "PROBE blk ok dev={} capacity={} serial=none ro={} blk_size={} features={} read={} {} oob=refused",
+            "PROBE blk ok dev={} capacity={} serial=unsupported ro={} blk_size={} features={} read={} {} oob=refused",
             disk.bdf,
             disk.capacity,
             u8::from(ro),
