@@ -85,22 +85,10 @@ impl BlockConfig {
     }
 }
 
-/// Copies the part of `space` at `offset` into `data`; bytes past its end read as zero.
-pub(crate) fn read_space(space: &[u8], offset: u64, data: &mut [u8]) {
-    data.fill(0);
-    let Ok(off) = usize::try_from(offset) else {
-        return;
-    };
-    if off >= space.len() {
-        return;
-    }
-    let n = data.len().min(space.len() - off);
-    data[..n].copy_from_slice(&space[off..off + n]);
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::common::read_config_space as read_space;
 
     fn config() -> BlockConfig {
         BlockConfig {

@@ -28,11 +28,12 @@ pub use persist::{BlockQueueState, BlockState};
 pub use request::Malformed;
 pub use worker::BlockStats;
 
+use crate::common::read_config_space;
 use crate::common::worker::{stop_all, Worker};
 use crate::common::QueueProgress;
 use config::{
-    read_space, CONFIG_LEN, F_BLK_SIZE, F_DISCARD, F_FLUSH, F_MQ, F_RO, F_SEG_MAX, F_SIZE_MAX,
-    F_TOPOLOGY, F_WRITE_ZEROES,
+    CONFIG_LEN, F_BLK_SIZE, F_DISCARD, F_FLUSH, F_MQ, F_RO, F_SEG_MAX, F_SIZE_MAX, F_TOPOLOGY,
+    F_WRITE_ZEROES,
 };
 use request::{DiskLimits, ID_BYTES, SECTOR};
 use worker::{BlockQueue, Shared, MAX_ZERO_SEGMENTS};
@@ -287,7 +288,7 @@ impl VirtioDevice for Block {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        read_space(&self.config_bytes, offset, data);
+        read_config_space(&self.config_bytes, offset, data);
     }
 
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {

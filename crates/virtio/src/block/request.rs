@@ -11,10 +11,9 @@
 
 use kiln_devices::virtio::GuestMemory;
 use virtio_bindings::virtio_blk as vb;
-use vm_memory::{Address, Bytes, GuestAddress};
+use vm_memory::{Bytes, GuestAddress};
 
-use crate::common::chain::Desc;
-use crate::common::{push_iovecs, BadGuestRange};
+use crate::common::chain::{read_stream, Desc};
 
 /// Sector size of the virtio-blk protocol.
 pub(crate) const SECTOR: u64 = 512;
@@ -246,108 +245,4 @@ fn zero_action(
     } else {
         Action::WriteZeroes(ranges, unmap)
     }
-}
-
-/// Reads `buf.len()` bytes of the chain's readable stream, starting `skip` bytes in.
-fn read_stream(
-    mem: &GuestMemory,
-    descs: &[Desc],
-    mut skip: u64,
-    buf: &mut [u8],
-) -> Result<(), BadGuestRange> {
-    let mut done = 0usize;
-    for d in descs.iter().filter(|d| !d.writable) {
-        if done == buf.len() {
-            break;
-        }
-        let len = u64::from(d.len);
-        if skip >= len {
-            skip -= len;
-            continue;
-        }
-        // skip < len <= u32::MAX, so the remainder fits usize.
-        let avail = usize::try_from(len - skip).unwrap_or(usize::MAX);
-        let n = avail.min(buf.len() - done);
-        let addr = d.addr.checked_add(skip).ok_or(BadGuestRange {
-            addr: d.addr.0,
-            len: n,
-        })?;
-        mem.read_slice(&mut buf[done..done + n], GuestAddress(addr.0))
-            .map_err(|_| BadGuestRange {
-                addr: addr.0,
-                len: n,
-            })?;
-        done += n;
-        skip = 0;
-    }
-    if done == buf.len() {
-        Ok(())
-    } else {
-        Err(BadGuestRange {
-            addr: 0,
-            len: buf.len(),
-        })
-    }
-}
-
-/// Appends iovecs for `len` bytes of the chain's readable (`writable == false`) or writable
-/// stream, starting `skip` bytes in.
-pub(crate) fn stream_iovecs(
-    mem: &GuestMemory,
-    descs: &[Desc],
-    writable: bool,
-    mut skip: u64,
-    len: u64,
-    out: &mut Vec<libc::iovec>,
-) -> Result<(), BadGuestRange> {
-    let mut left = len;
-    for d in descs.iter().filter(|d| d.writable == writable) {
-        if left == 0 {
-            break;
-        }
-        let dlen = u64::from(d.len);
-        if skip >= dlen {
-            skip -= dlen;
-            continue;
-        }
-        let n = (dlen - skip).min(left);
-        let addr = d.addr.checked_add(skip).ok_or(BadGuestRange {
-            addr: d.addr.0,
-            len: 0,
-        })?;
-        // n <= u32::MAX.
-        let n_us = usize::try_from(n).unwrap_or(usize::MAX);
-        push_iovecs(mem, GuestAddress(addr.0), n_us, out)?;
-        left -= n;
-        skip = 0;
-    }
-    if left == 0 {
-        Ok(())
-    } else {
-        Err(BadGuestRange { addr: 0, len: 0 })
-    }
-}
-
-/// Writes `data` into the chain's writable stream from its start.
-pub(crate) fn write_stream(
-    mem: &GuestMemory,
-    descs: &[Desc],
-    data: &[u8],
-) -> Result<(), BadGuestRange> {
-    let mut done = 0usize;
-    for d in descs.iter().filter(|d| d.writable) {
-        if done == data.len() {
-            break;
-        }
-        let n = usize::try_from(d.len)
-            .unwrap_or(usize::MAX)
-            .min(data.len() - done);
-        mem.write_slice(&data[done..done + n], d.addr)
-            .map_err(|_| BadGuestRange {
-                addr: d.addr.0,
-                len: n,
-            })?;
-        done += n;
-    }
-    Ok(())
 }

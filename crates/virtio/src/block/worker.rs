@@ -251,7 +251,7 @@ impl QueueWorker {
             Action::Answer(s) => self.finish(&req, s),
             Action::GetId { len } => {
                 let serial = self.shared.limits.serial;
-                let s = match request::write_stream(mem, &self.descs, &serial[..len]) {
+                let s = match chain::write_stream(mem, &self.descs, &serial[..len]) {
                     Ok(()) => status::OK,
                     Err(_) => status::IOERR,
                 };
@@ -295,7 +295,7 @@ impl QueueWorker {
         self.iovecs.clear();
         // Reads fill the writable data; writes take the readable data after the header.
         let (from_writable, skip) = if write { (false, 16) } else { (true, 0) };
-        let mapped = request::stream_iovecs(
+        let mapped = chain::stream_iovecs(
             &self.shared.mem,
             &self.descs,
             from_writable,

@@ -6,8 +6,12 @@
 //! device can tell a malformed chain from a short one.
 
 use kiln_devices::virtio::GuestMemory;
-use virtio_queue::{DescriptorChain, Queue, QueueOwnedT};
-use vm_memory::GuestAddress;
+use std::sync::atomic::Ordering;
+
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use vm_memory::{Address, Bytes, GuestAddress};
+
+use super::{push_iovecs, BadGuestRange};
 
 /// One descriptor of a chain.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,6 +70,17 @@ pub(crate) fn pop<'m>(
     mem: &'m GuestMemory,
     index: u16,
 ) -> Result<Option<DescriptorChain<&'m GuestMemory>>, ChainError> {
+    // Checked first: the iterator below also ends when it cannot read a ring entry, and the
+    // driver may publish more between its snapshot of the index and any later look.
+    let avail = queue
+        .avail_idx(mem, Ordering::Acquire)
+        .map_err(|e| ChainError::AvailRing {
+            queue: index,
+            reason: e.to_string(),
+        })?;
+    if avail.0 == queue.next_avail() {
+        return Ok(None);
+    }
     let next = {
         let mut it = queue.iter(mem).map_err(|e| ChainError::AvailRing {
             queue: index,
@@ -73,15 +88,10 @@ pub(crate) fn pop<'m>(
         })?;
         it.next()
     };
-    match next {
-        Some(c) => Ok(Some(c)),
-        // The iterator also ends when it cannot read the ring entry itself.
-        None if super::has_avail(queue, mem) => Err(ChainError::AvailRing {
-            queue: index,
-            reason: "an available-ring entry is outside guest RAM".into(),
-        }),
-        None => Ok(None),
-    }
+    next.map(Some).ok_or_else(|| ChainError::AvailRing {
+        queue: index,
+        reason: "an available-ring entry is outside guest RAM".into(),
+    })
 }
 
 /// Collects the descriptors of `chain` into `out` (cleared first), checking that the chain
@@ -132,4 +142,108 @@ pub(crate) fn split_sizes(descs: &[Desc]) -> (u64, u64, bool) {
         }
     }
     (readable, writable, ordered)
+}
+
+/// Reads `buf.len()` bytes of the chain's readable stream, starting `skip` bytes in.
+pub(crate) fn read_stream(
+    mem: &GuestMemory,
+    descs: &[Desc],
+    mut skip: u64,
+    buf: &mut [u8],
+) -> Result<(), BadGuestRange> {
+    let mut done = 0usize;
+    for d in descs.iter().filter(|d| !d.writable) {
+        if done == buf.len() {
+            break;
+        }
+        let len = u64::from(d.len);
+        if skip >= len {
+            skip -= len;
+            continue;
+        }
+        // skip < len <= u32::MAX, so the remainder fits usize.
+        let avail = usize::try_from(len - skip).unwrap_or(usize::MAX);
+        let n = avail.min(buf.len() - done);
+        let addr = d.addr.checked_add(skip).ok_or(BadGuestRange {
+            addr: d.addr.0,
+            len: n,
+        })?;
+        mem.read_slice(&mut buf[done..done + n], GuestAddress(addr.0))
+            .map_err(|_| BadGuestRange {
+                addr: addr.0,
+                len: n,
+            })?;
+        done += n;
+        skip = 0;
+    }
+    if done == buf.len() {
+        Ok(())
+    } else {
+        Err(BadGuestRange {
+            addr: 0,
+            len: buf.len(),
+        })
+    }
+}
+
+/// Appends iovecs for `len` bytes of the chain's readable (`writable == false`) or writable
+/// stream, starting `skip` bytes in.
+pub(crate) fn stream_iovecs(
+    mem: &GuestMemory,
+    descs: &[Desc],
+    writable: bool,
+    mut skip: u64,
+    len: u64,
+    out: &mut Vec<libc::iovec>,
+) -> Result<(), BadGuestRange> {
+    let mut left = len;
+    for d in descs.iter().filter(|d| d.writable == writable) {
+        if left == 0 {
+            break;
+        }
+        let dlen = u64::from(d.len);
+        if skip >= dlen {
+            skip -= dlen;
+            continue;
+        }
+        let n = (dlen - skip).min(left);
+        let addr = d.addr.checked_add(skip).ok_or(BadGuestRange {
+            addr: d.addr.0,
+            len: 0,
+        })?;
+        // n <= u32::MAX.
+        let n_us = usize::try_from(n).unwrap_or(usize::MAX);
+        push_iovecs(mem, GuestAddress(addr.0), n_us, out)?;
+        left -= n;
+        skip = 0;
+    }
+    if left == 0 {
+        Ok(())
+    } else {
+        Err(BadGuestRange { addr: 0, len: 0 })
+    }
+}
+
+/// Writes `data` into the chain's writable stream from its start.
+pub(crate) fn write_stream(
+    mem: &GuestMemory,
+    descs: &[Desc],
+    data: &[u8],
+) -> Result<(), BadGuestRange> {
+    let mut done = 0usize;
+    for d in descs.iter().filter(|d| d.writable) {
+        if done == data.len() {
+            break;
+        }
+        let n = usize::try_from(d.len)
+            .unwrap_or(usize::MAX)
+            .min(data.len() - done);
+        mem.write_slice(&data[done..done + n], d.addr)
+            .map_err(|_| BadGuestRange {
+                addr: d.addr.0,
+                len: n,
+            })?;
+        done += n;
+    }
+    Ok(())
 }

@@ -132,7 +132,6 @@ impl Poller {
     }
 
     /// Changes what `fd` is watched for (an empty set pauses it).
-    #[allow(dead_code)] // used by the net and console devices, which are not written yet
     pub fn modify(&self, fd: RawFd, token: u64, events: EventSet) -> std::io::Result<()> {
         self.epoll
             .ctl(ControlOperation::Modify, fd, EpollEvent::new(events, token))

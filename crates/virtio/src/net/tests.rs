@@ -1,0 +1,411 @@
+//! virtio-net tests on a real tap (they need CAP_NET_ADMIN and fail loudly without it).
+
+// Test sizes and indices are small.
+#![allow(clippy::cast_possible_truncation)]
+
+use std::collections::HashMap;
+use std::net::{Ipv4Addr, UdpSocket};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kiln_devices::virtio::{features, Activation, VirtioDevice};
+use vm_memory::{Bytes, GuestAddress};
+
+use super::config::*;
+use super::tap::tests::{require_net_admin, test_tap_name};
+use super::*;
+use crate::testing::{guest_memory, TestDriver, TestInterrupt};
+
+const MAC: [u8; 6] = [0x02, 0x6b, 0x69, 0x6c, 0x6e, 0x01];
+const BUF: u32 = 2048;
+
+struct Rig {
+    dev: Net,
+    rx: TestDriver,
+    tx: TestDriver,
+    irq: Arc<TestInterrupt>,
+    rx_bufs: HashMap<u32, GuestAddress>,
+    host_ip: Ipv4Addr,
+    guest_ip: Ipv4Addr,
+}
+
+/// A subnet per test process and tag, so parallel tests do not share addresses.
+fn subnet(tag: u8) -> (Ipv4Addr, Ipv4Addr) {
+    let b = (std::process::id() % 200) as u8;
+    (
+        Ipv4Addr::new(10, 213 + tag, b, 1),
+        Ipv4Addr::new(10, 213 + tag, b, 2),
+    )
+}
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .expect("these tests need the `ip` tool (iproute2)");
+    assert!(
+        out.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn rig(tag: u8, feature_mask: u64) -> Rig {
+    require_net_admin();
+    let name = test_tap_name(&format!("n{tag}"));
+    let mut p = NetParams::new(&name);
+    p.mac = Some(MAC);
+    let mut dev = Net::new(p).unwrap();
+    let (host_ip, guest_ip) = subnet(tag);
+    ip(&["addr", "add", &format!("{host_ip}/24"), "dev", &name]);
+    let mem = guest_memory(16 << 20);
+    let mut rx = TestDriver::new(&mem, 0, 256);
+    let mut tx = TestDriver::new(&mem, 4 << 20, 256);
+    let irq = TestInterrupt::new();
+    let f = dev.features() & feature_mask;
+    dev.activate(Activation {
+        mem,
+        features: f,
+        queues: vec![rx.active(0), tx.active(1)],
+        interrupt: irq.clone(),
+    })
+    .unwrap();
+    let mut r = Rig {
+        dev,
+        rx,
+        tx,
+        irq,
+        rx_bufs: HashMap::new(),
+        host_ip,
+        guest_ip,
+    };
+    for _ in 0..64 {
+        r.post_rx();
+    }
+    r.rx.kick();
+    r
+}
+
+impl Rig {
+    fn post_rx(&mut self) {
+        let b = self.rx.alloc(u64::from(BUF));
+        let head = self.rx.add_chain(&[(b, BUF, true)]);
+        self.rx_bufs.insert(u32::from(head), b);
+    }
+
+    /// Sends `frame` with a virtio-net header (`hdr`) from the guest; waits until it is used.
+    fn send(&mut self, hdr: [u8; 12], frame: &[u8]) {
+        let h = self.tx.buffer(&hdr);
+        let f = self.tx.buffer(frame);
+        self.tx
+            .add_chain(&[(h, 12, false), (f, frame.len() as u32, false)]);
+        self.tx.kick();
+        let (_, len) = self.tx.wait_used();
+        assert_eq!(len, 0);
+    }
+
+    /// Waits up to 5 s for a received frame that `want` accepts; returns (header, frame).
+    fn receive(&mut self, want: impl Fn(&[u8]) -> bool) -> ([u8; 12], Vec<u8>) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            if let Some((id, len)) = self.rx.next_used() {
+                let addr = self.rx_bufs[&id];
+                let mut data = vec![0u8; len as usize];
+                self.rx.mem().read_slice(&mut data, addr).unwrap();
+                self.post_rx();
+                self.rx.kick();
+                let mut hdr = [0u8; 12];
+                hdr.copy_from_slice(&data[..12]);
+                if want(&data[12..]) {
+                    return (hdr, data[12..].to_vec());
+                }
+                continue;
+            }
+            assert!(Instant::now() < deadline, "no matching frame arrived");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+}
+
+fn arp_request(mac: [u8; 6], from: Ipv4Addr, to: Ipv4Addr) -> Vec<u8> {
+    let mut f = vec![0xff; 6];
+    f.extend_from_slice(&mac);
+    f.extend_from_slice(&[0x08, 0x06, 0, 1, 0x08, 0, 6, 4, 0, 1]);
+    f.extend_from_slice(&mac);
+    f.extend_from_slice(&from.octets());
+    f.extend_from_slice(&[0; 6]);
+    f.extend_from_slice(&to.octets());
+    f
+}
+
+fn is_arp_reply_from(f: &[u8], ip: Ipv4Addr) -> bool {
+    f.len() >= 42 && f[12..14] == [0x08, 0x06] && f[20..22] == [0, 2] && f[28..32] == ip.octets()
+}
+
+fn checksum(data: &[u8]) -> u16 {
+    let mut sum = 0u32;
+    for c in data.chunks(2) {
+        let w = u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]);
+        sum += u32::from(w);
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// An Ethernet/IPv4/UDP frame with `udp_csum` as the UDP checksum field.
+fn udp_frame(
+    dst_mac: [u8; 6],
+    from: Ipv4Addr,
+    to: Ipv4Addr,
+    port: u16,
+    payload: &[u8],
+    udp_csum: u16,
+) -> Vec<u8> {
+    let mut f = Vec::new();
+    f.extend_from_slice(&dst_mac);
+    f.extend_from_slice(&MAC);
+    f.extend_from_slice(&[0x08, 0x00]);
+    let total = 20 + 8 + payload.len();
+    let mut iph = vec![
+        0x45,
+        0,
+        (total >> 8) as u8,
+        total as u8,
+        0,
+        1,
+        0x40,
+        0,
+        64,
+        17,
+        0,
+        0,
+    ];
+    iph.extend_from_slice(&from.octets());
+    iph.extend_from_slice(&to.octets());
+    let c = checksum(&iph);
+    iph[10..12].copy_from_slice(&c.to_be_bytes());
+    f.extend_from_slice(&iph);
+    let ulen = (8 + payload.len()) as u16;
+    f.extend_from_slice(&4242u16.to_be_bytes());
+    f.extend_from_slice(&port.to_be_bytes());
+    f.extend_from_slice(&ulen.to_be_bytes());
+    f.extend_from_slice(&udp_csum.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+fn host_mac(tap: &str) -> [u8; 6] {
+    let s = std::fs::read_to_string(format!("/sys/class/net/{tap}/address")).unwrap();
+    let mut m = [0u8; 6];
+    for (b, p) in m.iter_mut().zip(s.trim().split(':')) {
+        *b = u8::from_str_radix(p, 16).unwrap();
+    }
+    m
+}
+
+#[test]
+fn arp_request_from_the_guest_gets_the_hosts_reply() {
+    for (tag, mask) in [
+        (0u8, u64::MAX),
+        (1, !(F_MRG_RXBUF | F_GUEST_TSO4 | F_GUEST_TSO6)),
+    ] {
+        let mut r = rig(tag, mask);
+        let req = arp_request(MAC, r.guest_ip, r.host_ip);
+        r.send([0; 12], &req);
+        let host_ip = r.host_ip;
+        let (hdr, reply) = r.receive(|f| is_arp_reply_from(f, host_ip));
+        assert_eq!(&reply[..6], &MAC, "addressed to the guest");
+        assert_eq!(u16::from_le_bytes([hdr[10], hdr[11]]), 1, "num_buffers");
+        let stats = r.dev.stats();
+        assert!(stats.tx_frames.load(std::sync::atomic::Ordering::Relaxed) >= 1);
+        assert!(stats.rx_frames.load(std::sync::atomic::Ordering::Relaxed) >= 1);
+        assert!(r.irq.reset_reasons().is_empty());
+    }
+}
+
+#[test]
+fn checksum_offload_flags_reach_the_host_stack() {
+    let mut r = rig(2, u64::MAX);
+    let sock = UdpSocket::bind((r.host_ip, 0)).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let port = sock.local_addr().unwrap().port();
+    let tap = r.dev.tap_name().to_owned();
+    let dst = host_mac(&tap);
+    // A wrong checksum without NEEDS_CSUM: the host drops it.
+    let bad = udp_frame(dst, r.guest_ip, r.host_ip, port, b"dropped", 0x1234);
+    r.send([0; 12], &bad);
+    // The same with NEEDS_CSUM (csum_start 34, csum_offset 6): the host completes it.
+    let ok = udp_frame(dst, r.guest_ip, r.host_ip, port, b"offloaded", 0x1234);
+    let mut hdr = [0u8; 12];
+    hdr[0] = 1;
+    hdr[6..8].copy_from_slice(&34u16.to_le_bytes());
+    hdr[8..10].copy_from_slice(&6u16.to_le_bytes());
+    r.send(hdr, &ok);
+    let mut buf = [0u8; 64];
+    let n = sock.recv(&mut buf).expect("the offloaded datagram arrives");
+    assert_eq!(&buf[..n], b"offloaded");
+}
+
+#[test]
+fn control_queue_switches_queue_pairs() {
+    require_net_admin();
+    let name = test_tap_name("q");
+    let mut p = NetParams::new(&name);
+    p.queues = 2;
+    let mut dev = Net::new(p).unwrap();
+    assert_ne!(dev.features() & F_MQ, 0);
+    assert_eq!(dev.queue_max_sizes().len(), 5);
+    let mut pairs = [0u8; 2];
+    dev.read_config(8, &mut pairs);
+    assert_eq!(u16::from_le_bytes(pairs), 2);
+    let mem = guest_memory(16 << 20);
+    let mut drivers: Vec<TestDriver> = (0..5)
+        .map(|i| TestDriver::new(&mem, i * (2 << 20), 64))
+        .collect();
+    let irq = TestInterrupt::new();
+    let queues = drivers
+        .iter_mut()
+        .enumerate()
+        .map(|(i, d)| d.active(i as u16))
+        .collect();
+    let f = dev.features();
+    dev.activate(Activation {
+        mem,
+        features: f,
+        queues,
+        interrupt: irq.clone(),
+    })
+    .unwrap();
+    let ctrl = &mut drivers[4];
+    let mut command = |data: &[u8]| {
+        let c = ctrl.buffer(data);
+        let ack = ctrl.buffer(&[0xff]);
+        ctrl.add_chain(&[(c, data.len() as u32, false), (ack, 1, true)]);
+        ctrl.kick();
+        ctrl.wait_used();
+        ctrl.mem().read_obj::<u8>(ack).unwrap()
+    };
+    assert_eq!(command(&[4, 0, 2, 0]), 0, "two pairs");
+    assert_eq!(command(&[4, 0, 1, 0]), 0, "one pair");
+    assert_eq!(command(&[4, 0, 3, 0]), 1, "more pairs than exist");
+    assert_eq!(command(&[4, 0, 0, 0]), 1, "zero pairs");
+    assert_eq!(
+        command(&[0, 0, 1]),
+        1,
+        "an RX-mode command is not supported"
+    );
+    assert_eq!(command(&[4]), 1, "truncated");
+    dev.pause().unwrap();
+    let s: NetState = serde_json::from_value(dev.save_state().unwrap()).unwrap();
+    assert_eq!(s.active_pairs, 1);
+    assert!(irq.reset_reasons().is_empty());
+}
+
+#[test]
+fn hostile_transmit_chains_reset_the_device_and_the_vmm_goes_on() {
+    let mut r = rig(3, u64::MAX);
+    // A device-writable buffer in a transmit chain.
+    let b = r.tx.alloc(64);
+    r.tx.add_chain(&[(b, 64, true)]);
+    r.tx.kick();
+    let reason = r.irq.wait_reset();
+    assert!(reason.contains("device-writable"), "{reason}");
+
+    let mut r = rig(4, u64::MAX);
+    // A descriptor loop.
+    let b = r.tx.alloc(64);
+    r.tx.write_desc(0, b.0, 64, 1, 1);
+    r.tx.write_desc(1, b.0, 64, 1, 0);
+    r.tx.publish(0);
+    r.tx.kick();
+    let reason = r.irq.wait_reset();
+    assert!(reason.contains("does not end"), "{reason}");
+
+    let mut r = rig(5, u64::MAX);
+    // Buffers outside RAM and too-short frames are dropped, not fatal.
+    r.tx.add_chain(&[(GuestAddress(1 << 40), 100, false)]);
+    let h = r.tx.buffer(&[0; 8]);
+    r.tx.add_chain(&[(h, 8, false)]);
+    r.tx.kick();
+    r.tx.wait_used();
+    r.tx.wait_used();
+    assert!(r.irq.reset_reasons().is_empty());
+    assert_eq!(
+        r.dev
+            .stats()
+            .dropped
+            .load(std::sync::atomic::Ordering::Relaxed),
+        2
+    );
+}
+
+#[test]
+fn pause_save_restore_keeps_ring_positions() {
+    let mut r = rig(6, u64::MAX);
+    let req = arp_request(MAC, r.guest_ip, r.host_ip);
+    r.send([0; 12], &req);
+    r.dev.pause().unwrap();
+    let saved = r.dev.save_state().unwrap();
+    let text = serde_json::to_string(&saved).unwrap();
+    let s: NetState = serde_json::from_str(&text).unwrap();
+    assert_eq!(serde_json::to_value(&s).unwrap(), saved);
+    assert_eq!(s.mac, MAC);
+    let tx = s.queues.iter().find(|q| q.index == 1).unwrap();
+    assert_eq!(tx.progress.next_used, 1);
+    r.dev.resume().unwrap();
+    r.send([0; 12], &req);
+
+    // A new device on the same tap takes the state once the old one is gone.
+    let name = r.dev.tap_name().to_owned();
+    drop(r);
+    let mut p = NetParams::new(&name);
+    p.mac = Some(MAC);
+    // Other tests spawning processes may hold a copy of the old tap descriptor for a moment
+    // (between fork and exec): retry briefly.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let mut dev = loop {
+        match Net::new(p.clone()) {
+            Err(NetError::Tap(TapError::Busy { .. })) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            r => break r.unwrap(),
+        }
+    };
+    dev.restore_state(saved.clone()).unwrap();
+    assert_eq!(dev.save_state().unwrap(), saved);
+    let mut other = NetParams::new(test_tap_name("x"));
+    other.mac = Some([2, 0, 0, 0, 0, 9]);
+    let mut dev2 = Net::new(other).unwrap();
+    assert!(
+        dev2.restore_state(saved).is_err(),
+        "a different MAC refuses it"
+    );
+}
+
+#[test]
+fn constructor_errors_are_clear() {
+    assert!(matches!(
+        Net::new(NetParams {
+            queues: 0,
+            ..NetParams::new("x")
+        }),
+        Err(NetError::Queues(0))
+    ));
+    let e = Net::new(NetParams {
+        mac: Some([1, 0, 0, 0, 0, 0]),
+        ..NetParams::new("x")
+    })
+    .err()
+    .unwrap();
+    assert!(e.to_string().contains("multicast"));
+    assert!(matches!(
+        Net::new(NetParams::new("bad/name")),
+        Err(NetError::Tap(TapError::BadName(_)))
+    ));
+    let m = random_mac().unwrap();
+    assert_eq!(m[0] & 3, 2, "unicast, locally administered");
+    let _ = features::VERSION_1;
+}

@@ -1,0 +1,616 @@
+//! The thread of one virtio-net queue pair: frames from the tap into the receive queue, frames
+//! from the transmit queue to the tap, and (on pair 0) the control queue.
+//!
+//! Frames move with one readv/writev straight between the tap and guest buffers; the
+//! virtio-net header the guest sees is the one the tap reads and writes (12 bytes). With
+//! MRG_RXBUF a frame may fill several receive chains; the thread takes chains until a
+//! largest-possible frame fits, reads, uses what the frame filled and gives the rest back.
+//! The tap is watched for input only while receive buffers exist, and for output only while
+//! the tap refuses frames, so the thread sleeps when there is nothing it can do.
+
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use kiln_devices::virtio::{GuestMemory, VirtioInterrupt};
+use kiln_devices::warn_ratelimited;
+use virtio_bindings::virtio_net as vn;
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestAddress};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::tap::{Tap, VNET_HDR_LEN};
+use crate::common::chain::{self, read_stream, Desc};
+use crate::common::worker::{Poller, StopSignal};
+use crate::common::{push_iovecs, signal_used};
+
+const TOKEN_RX: u64 = 0;
+const TOKEN_TX: u64 = 1;
+const TOKEN_CTRL: u64 = 2;
+const TOKEN_TAP: u64 = 3;
+const TOKEN_STOP: u64 = 4;
+
+/// Most iovecs handed to one readv/writev.
+const MAX_IOVECS: usize = 1024;
+/// Most descriptors in one chain.
+const MAX_DESCS: usize = 1024;
+/// Largest frame without TSO (Ethernet with a VLAN tag), plus the header.
+const SMALL_FRAME: usize = VNET_HDR_LEN + 1518;
+/// Largest TSO frame, plus the header.
+const BIG_FRAME: usize = VNET_HDR_LEN + 65550;
+
+/// Counters.
+#[derive(Debug, Default)]
+pub struct NetStats {
+    /// Frames delivered to the guest.
+    pub rx_frames: AtomicU64,
+    /// Bytes delivered to the guest (headers included).
+    pub rx_bytes: AtomicU64,
+    /// Frames sent to the tap.
+    pub tx_frames: AtomicU64,
+    /// Bytes sent to the tap (headers included).
+    pub tx_bytes: AtomicU64,
+    /// Frames dropped (either way).
+    pub dropped: AtomicU64,
+}
+
+/// What the pairs of one device share.
+pub(crate) struct Shared {
+    pub mem: GuestMemory,
+    pub interrupt: Arc<dyn VirtioInterrupt>,
+    pub taps: Vec<Arc<Tap>>,
+    pub mrg_rxbuf: bool,
+    pub big_frames: bool,
+    pub mq: bool,
+    pub active_pairs: Arc<AtomicU16>,
+    pub stats: Arc<NetStats>,
+}
+
+/// One virtqueue.
+pub(crate) struct NetQueue {
+    pub index: u16,
+    pub queue: Queue,
+    pub notify: EventFd,
+}
+
+/// A queue pair (and the control queue on pair 0) with everything its thread owns.
+pub(crate) struct NetPair {
+    pub pair: u16,
+    pub rx: Option<NetQueue>,
+    pub tx: Option<NetQueue>,
+    pub ctrl: Option<NetQueue>,
+    pub broken: bool,
+}
+
+/// A receive chain taken but not yet used.
+struct RxChain {
+    head: u16,
+    iovecs: usize,
+    capacity: usize,
+}
+
+struct PairWorker {
+    p: NetPair,
+    shared: Arc<Shared>,
+    tap: Arc<Tap>,
+    descs: Vec<Desc>,
+    iovecs: Vec<libc::iovec>,
+    pool: Vec<RxChain>,
+    pool_capacity: usize,
+    /// Watching the tap for input (receive buffers exist).
+    want_in: bool,
+    /// Watching the tap for output (it refused a frame).
+    want_out: bool,
+}
+
+/// Serves `p` until `stop` is requested, then hands it back.
+pub(crate) fn run(p: NetPair, shared: Arc<Shared>, stop: &StopSignal) -> NetPair {
+    let tap = shared.taps[usize::from(p.pair)].clone();
+    let mut w = PairWorker {
+        p,
+        shared,
+        tap,
+        descs: Vec::with_capacity(16),
+        iovecs: Vec::with_capacity(64),
+        pool: Vec::new(),
+        pool_capacity: 0,
+        want_in: true,
+        want_out: false,
+    };
+    let mut poller = match w.poller(stop) {
+        Ok(p) => p,
+        Err(e) => {
+            w.fail(&format!("virtio-net pair {}: cannot poll: {e}", w.p.pair));
+            return w.p;
+        }
+    };
+    w.serve_tx();
+    w.serve_rx();
+    w.serve_ctrl();
+    w.update_interest(&poller);
+    let mut events = [(0u64, EventSet::empty()); 8];
+    loop {
+        let n = match poller.wait(-1) {
+            Ok(ev) => {
+                let mut n = 0;
+                for e in ev.take(events.len()) {
+                    events[n] = e;
+                    n += 1;
+                }
+                n
+            }
+            Err(e) => {
+                w.fail(&format!("virtio-net pair {}: epoll: {e}", w.p.pair));
+                break;
+            }
+        };
+        let mut stopping = false;
+        for &(token, set) in &events[..n] {
+            match token {
+                TOKEN_RX => {
+                    drain(&w.p.rx);
+                    w.want_in = true;
+                }
+                TOKEN_TX => {
+                    drain(&w.p.tx);
+                    w.serve_tx();
+                }
+                TOKEN_CTRL => {
+                    drain(&w.p.ctrl);
+                    w.serve_ctrl();
+                }
+                TOKEN_TAP => {
+                    if set.contains(EventSet::OUT) {
+                        w.want_out = false;
+                        w.serve_tx();
+                    }
+                }
+                _ => stopping |= stop.requested(),
+            }
+        }
+        if stopping {
+            break;
+        }
+        if w.want_in {
+            w.serve_rx();
+        }
+        w.update_interest(&poller);
+    }
+    w.p
+}
+
+fn drain(q: &Option<NetQueue>) {
+    if let Some(q) = q {
+        let _ = q.notify.read();
+    }
+}
+
+impl PairWorker {
+    fn poller(&self, stop: &StopSignal) -> std::io::Result<Poller> {
+        let p = Poller::new()?;
+        for (q, token) in [
+            (&self.p.rx, TOKEN_RX),
+            (&self.p.tx, TOKEN_TX),
+            (&self.p.ctrl, TOKEN_CTRL),
+        ] {
+            if let Some(q) = q {
+                p.add(q.notify.as_raw_fd(), token)?;
+            }
+        }
+        p.add_events(self.tap.fd(), TOKEN_TAP, EventSet::empty())?;
+        p.add(stop.fd(), TOKEN_STOP)?;
+        Ok(p)
+    }
+
+    fn update_interest(&self, poller: &Poller) {
+        let mut set = EventSet::empty();
+        if self.want_in && self.p.rx.is_some() && !self.p.broken {
+            set |= EventSet::IN;
+        }
+        if self.want_out && !self.p.broken {
+            set |= EventSet::OUT;
+        }
+        if let Err(e) = poller.modify(self.tap.fd(), TOKEN_TAP, set) {
+            warn_ratelimited!("virtio-net: tap {}: epoll: {e}", self.tap.name());
+        }
+    }
+
+    /// The driver broke the protocol: stop and ask for a reset.
+    fn fail(&mut self, reason: &str) {
+        if !self.p.broken {
+            self.p.broken = true;
+            self.shared.interrupt.needs_reset(reason);
+        }
+    }
+
+    /// Moves frames from the tap into receive buffers until either runs out.
+    fn serve_rx(&mut self) {
+        if self.p.broken {
+            return;
+        }
+        let Some(mut rxq) = self.p.rx.take() else {
+            return;
+        };
+        let need = if self.shared.big_frames {
+            BIG_FRAME
+        } else {
+            SMALL_FRAME
+        };
+        let mut delivered = false;
+        // While buffers last, the driver need not say when it adds more.
+        let _ = rxq.queue.disable_notification(&self.shared.mem);
+        loop {
+            if let Err(reason) = self.fill_pool(&mut rxq, need) {
+                self.fail(&reason);
+                break;
+            }
+            if self.pool.is_empty() {
+                // Out of buffers: stop watching the tap until the driver adds some.
+                match rxq.queue.enable_notification(&self.shared.mem) {
+                    Ok(true) => continue,
+                    Ok(false) => {}
+                    Err(e) => self.fail(&format!("virtio-net rx: used ring: {e}")),
+                }
+                self.want_in = false;
+                break;
+            }
+            let iov_end = if self.shared.mrg_rxbuf {
+                self.iovecs.len()
+            } else {
+                self.pool[0].iovecs
+            };
+            match self.tap.read_frame(&self.iovecs[..iov_end]) {
+                Ok(None) => break,
+                Ok(Some(n)) if n < VNET_HDR_LEN => {
+                    self.shared.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(Some(n)) => {
+                    if let Err(reason) = self.use_rx(&mut rxq, n) {
+                        self.fail(&reason);
+                        break;
+                    }
+                    delivered = true;
+                }
+                Err(e) => {
+                    // The frame did not fit (EFAULT/EINVAL) or the tap failed: it is gone.
+                    self.shared.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                    warn_ratelimited!("virtio-net: tap {}: read: {e}", self.tap.name());
+                    if !matches!(e.raw_os_error(), Some(libc::EFAULT | libc::EINVAL)) {
+                        break;
+                    }
+                }
+            }
+        }
+        // Give back what was taken but not used.
+        let unused = u16::try_from(self.pool.len()).unwrap_or(u16::MAX);
+        rxq.queue
+            .set_next_avail(rxq.queue.next_avail().wrapping_sub(unused));
+        self.pool.clear();
+        self.iovecs.clear();
+        self.pool_capacity = 0;
+        if delivered {
+            signal_used(
+                &mut rxq.queue,
+                &self.shared.mem,
+                &self.shared.interrupt,
+                rxq.index,
+            );
+        }
+        self.p.rx = Some(rxq);
+    }
+
+    /// Takes receive chains until `need` bytes fit (one chain without MRG_RXBUF).
+    fn fill_pool(&mut self, rxq: &mut NetQueue, need: usize) -> Result<(), String> {
+        let mem = self.shared.mem.clone();
+        loop {
+            let enough = if self.shared.mrg_rxbuf {
+                self.pool_capacity >= need
+            } else {
+                !self.pool.is_empty()
+            };
+            if enough || self.iovecs.len() >= MAX_IOVECS {
+                return Ok(());
+            }
+            let Some(c) = chain::pop(&mut rxq.queue, &mem, rxq.index)
+                .map_err(|e| format!("virtio-net: {e}"))?
+            else {
+                return Ok(());
+            };
+            let head = chain::collect(c, MAX_DESCS, rxq.index, &mut self.descs)
+                .map_err(|e| format!("virtio-net: {e}"))?;
+            if self.descs.iter().any(|d| !d.writable) {
+                return Err(format!(
+                    "virtio-net queue {}: receive chain {head} has a device-readable buffer",
+                    rxq.index
+                ));
+            }
+            let before = self.iovecs.len();
+            let mut capacity = 0usize;
+            let mut ok = true;
+            for d in &self.descs {
+                let len = usize::try_from(d.len).unwrap_or(usize::MAX);
+                if push_iovecs(&mem, d.addr, len, &mut self.iovecs).is_err() {
+                    ok = false;
+                    break;
+                }
+                capacity += len;
+            }
+            if !ok || capacity < VNET_HDR_LEN || self.iovecs.len() > MAX_IOVECS {
+                // Unusable buffer: hand it back empty.
+                self.iovecs.truncate(before);
+                warn_ratelimited!(
+                    "virtio-net queue {}: receive chain {head} is unusable (outside RAM or \
+                     shorter than the header)",
+                    rxq.index
+                );
+                rxq.queue
+                    .add_used(&mem, head, 0)
+                    .map_err(|e| format!("virtio-net rx: used ring: {e}"))?;
+                continue;
+            }
+            self.pool.push(RxChain {
+                head,
+                iovecs: self.iovecs.len() - before,
+                capacity,
+            });
+            self.pool_capacity += capacity;
+        }
+    }
+
+    /// Marks the first chains of the pool used by a frame of `n` bytes.
+    fn use_rx(&mut self, rxq: &mut NetQueue, n: usize) -> Result<(), String> {
+        let mem = &self.shared.mem;
+        let mut left = n;
+        let mut used = 0usize;
+        let mut iovs = 0usize;
+        while left > 0 && used < self.pool.len() {
+            let c = &self.pool[used];
+            left -= left.min(c.capacity);
+            iovs += c.iovecs;
+            used += 1;
+        }
+        let used = used.max(1);
+        // num_buffers, bytes 10..12 of the header (in the first chain).
+        let count = u16::try_from(used).unwrap_or(u16::MAX).to_le_bytes();
+        write_iovecs(&self.iovecs[..self.pool[0].iovecs], 10, &count);
+        let mut left = n;
+        for c in &self.pool[..used] {
+            let len = left.min(c.capacity);
+            left -= len;
+            rxq.queue
+                .add_used(mem, c.head, u32::try_from(len).unwrap_or(u32::MAX))
+                .map_err(|e| format!("virtio-net rx: used ring: {e}"))?;
+            self.pool_capacity -= c.capacity;
+        }
+        self.pool.drain(..used);
+        self.iovecs.drain(..iovs);
+        self.shared.stats.rx_frames.fetch_add(1, Ordering::Relaxed);
+        self.shared
+            .stats
+            .rx_bytes
+            .fetch_add(n as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Sends every available transmit chain to the tap, until the tap refuses one.
+    fn serve_tx(&mut self) {
+        if self.p.broken || self.want_out {
+            return;
+        }
+        let Some(mut txq) = self.p.tx.take() else {
+            return;
+        };
+        let mem = self.shared.mem.clone();
+        let mut sent = false;
+        'outer: loop {
+            let _ = txq.queue.disable_notification(&mem);
+            loop {
+                let c = match chain::pop(&mut txq.queue, &mem, txq.index) {
+                    Ok(Some(c)) => c,
+                    Ok(None) => break,
+                    Err(e) => {
+                        self.fail(&format!("virtio-net: {e}"));
+                        break 'outer;
+                    }
+                };
+                let head = match chain::collect(c, MAX_DESCS, txq.index, &mut self.descs) {
+                    Ok(h) => h,
+                    Err(e) => {
+                        self.fail(&format!("virtio-net: {e}"));
+                        break 'outer;
+                    }
+                };
+                if self.descs.iter().any(|d| d.writable) {
+                    self.fail(&format!(
+                        "virtio-net queue {}: transmit chain {head} has a device-writable buffer",
+                        txq.index
+                    ));
+                    break 'outer;
+                }
+                match self.send(head) {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        // The tap is full: retry this chain when it can take more.
+                        txq.queue
+                            .set_next_avail(txq.queue.next_avail().wrapping_sub(1));
+                        self.want_out = true;
+                        break 'outer;
+                    }
+                    Err(()) => {
+                        self.shared.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                sent = true;
+                if let Err(e) = txq.queue.add_used(&mem, head, 0) {
+                    self.fail(&format!("virtio-net tx: used ring: {e}"));
+                    break 'outer;
+                }
+            }
+            match txq.queue.enable_notification(&mem) {
+                Ok(true) => continue,
+                Ok(false) => break,
+                Err(e) => {
+                    self.fail(&format!("virtio-net tx: used ring: {e}"));
+                    break;
+                }
+            }
+        }
+        if sent {
+            signal_used(&mut txq.queue, &mem, &self.shared.interrupt, txq.index);
+        }
+        self.p.tx = Some(txq);
+    }
+
+    /// Writes the frame in `self.descs`; `Ok(false)` when the tap cannot take it now,
+    /// `Err` when the frame is dropped.
+    fn send(&mut self, head: u16) -> Result<bool, ()> {
+        let mem = &self.shared.mem;
+        self.iovecs.clear();
+        let mut total = 0usize;
+        for d in &self.descs {
+            let len = usize::try_from(d.len).unwrap_or(usize::MAX);
+            if push_iovecs(mem, d.addr, len, &mut self.iovecs).is_err() {
+                warn_ratelimited!("virtio-net: transmit chain {head} has a buffer outside RAM");
+                return Err(());
+            }
+            total = total.saturating_add(len);
+        }
+        if !(VNET_HDR_LEN..=BIG_FRAME).contains(&total) || self.iovecs.len() > MAX_IOVECS {
+            warn_ratelimited!("virtio-net: transmit chain {head} has a bad length {total}");
+            return Err(());
+        }
+        let r = self.tap.write_frame(&self.iovecs);
+        self.iovecs.clear();
+        match r {
+            Ok(None) => Ok(false),
+            Ok(Some(_)) => {
+                self.shared.stats.tx_frames.fetch_add(1, Ordering::Relaxed);
+                self.shared
+                    .stats
+                    .tx_bytes
+                    .fetch_add(total as u64, Ordering::Relaxed);
+                Ok(true)
+            }
+            Err(e) => {
+                // The tap refuses malformed frames (a bad GSO header, say): drop this one.
+                warn_ratelimited!("virtio-net: tap {}: write: {e}", self.tap.name());
+                Err(())
+            }
+        }
+    }
+
+    /// Answers control-queue commands (only VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET is supported).
+    fn serve_ctrl(&mut self) {
+        if self.p.broken {
+            return;
+        }
+        let Some(mut cq) = self.p.ctrl.take() else {
+            return;
+        };
+        let mem = self.shared.mem.clone();
+        let mut answered = false;
+        loop {
+            let c = match chain::pop(&mut cq.queue, &mem, cq.index) {
+                Ok(Some(c)) => c,
+                Ok(None) => break,
+                Err(e) => {
+                    self.fail(&format!("virtio-net: {e}"));
+                    break;
+                }
+            };
+            let head = match chain::collect(c, MAX_DESCS, cq.index, &mut self.descs) {
+                Ok(h) => h,
+                Err(e) => {
+                    self.fail(&format!("virtio-net: {e}"));
+                    break;
+                }
+            };
+            let Some(ack) = ack_address(&self.descs) else {
+                self.fail(&format!(
+                    "virtio-net control queue: command {head} has no writable ack byte"
+                ));
+                break;
+            };
+            let status = self.command();
+            let _ = mem.write_obj(status, ack);
+            if let Err(e) = cq.queue.add_used(&mem, head, 1) {
+                self.fail(&format!("virtio-net control queue: used ring: {e}"));
+                break;
+            }
+            answered = true;
+        }
+        if answered {
+            signal_used(&mut cq.queue, &mem, &self.shared.interrupt, cq.index);
+        }
+        self.p.ctrl = Some(cq);
+    }
+
+    /// Runs the command in `self.descs`; returns the ack byte.
+    fn command(&self) -> u8 {
+        const OK: u8 = 0;
+        const ERR: u8 = 1;
+        let mut cmd = [0u8; 4];
+        if read_stream(&self.shared.mem, &self.descs, 0, &mut cmd).is_err() {
+            return ERR;
+        }
+        let (class, code) = (u32::from(cmd[0]), u32::from(cmd[1]));
+        if class != vn::VIRTIO_NET_CTRL_MQ || code != vn::VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET {
+            return ERR;
+        }
+        let pairs = u16::from_le_bytes([cmd[2], cmd[3]]);
+        let max = u16::try_from(self.shared.taps.len()).unwrap_or(u16::MAX);
+        if !self.shared.mq || pairs == 0 || pairs > max {
+            return ERR;
+        }
+        set_active_pairs(&self.shared.taps, pairs);
+        self.shared.active_pairs.store(pairs, Ordering::Release);
+        OK
+    }
+}
+
+/// Attaches the first `pairs` tap queues and detaches the rest.
+pub(crate) fn set_active_pairs(taps: &[Arc<Tap>], pairs: u16) {
+    for (i, t) in taps.iter().enumerate() {
+        let on = i < usize::from(pairs);
+        if let Err(e) = t.set_queue_enabled(on) {
+            warn_ratelimited!("virtio-net: {e}");
+        }
+    }
+}
+
+/// The last byte of the chain, if it is device-writable.
+fn ack_address(descs: &[Desc]) -> Option<GuestAddress> {
+    let last = descs.last()?;
+    if !last.writable || last.len == 0 {
+        return None;
+    }
+    last.addr
+        .0
+        .checked_add(u64::from(last.len) - 1)
+        .map(GuestAddress)
+}
+
+/// Writes `data` at byte `offset` of the memory `iovecs` describe.
+fn write_iovecs(iovecs: &[libc::iovec], mut offset: usize, data: &[u8]) {
+    let mut done = 0;
+    for v in iovecs {
+        if done == data.len() {
+            return;
+        }
+        if offset >= v.iov_len {
+            offset -= v.iov_len;
+            continue;
+        }
+        let n = (v.iov_len - offset).min(data.len() - done);
+        for i in 0..n {
+            // SAFETY: the iovec describes writable guest memory (mapped while the worker holds
+            // `mem`) and offset + i < iov_len; volatile because the guest may look at it.
+            unsafe {
+                std::ptr::write_volatile(v.iov_base.cast::<u8>().add(offset + i), data[done + i])
+            };
+        }
+        done += n;
+        offset = 0;
+    }
+}
