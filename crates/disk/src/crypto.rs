@@ -300,6 +300,19 @@ pub struct LuksHeader {
     slots: Vec<Slot>,
 }
 
+/// What `info` shows of one LUKS key slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LuksSlotInfo {
+    /// The slot holds a key.
+    pub active: bool,
+    /// PBKDF2 iterations (meaningful when active).
+    pub iterations: u32,
+    /// Anti-forensic stripes (meaningful when active).
+    pub stripes: u32,
+    /// Byte offset of the key material from the start of the LUKS header.
+    pub key_offset: u64,
+}
+
 #[derive(Debug, Clone)]
 struct Slot {
     active: bool,
@@ -367,6 +380,19 @@ impl LuksHeader {
             });
         }
         Ok(h)
+    }
+
+    /// The key slots, for `info`.
+    pub fn slot_info(&self) -> Vec<LuksSlotInfo> {
+        self.slots
+            .iter()
+            .map(|s| LuksSlotInfo {
+                active: s.active,
+                iterations: s.iterations,
+                stripes: s.stripes,
+                key_offset: u64::from(s.key_offset) * SECTOR as u64,
+            })
+            .collect()
     }
 
     /// Bytes of key material per slot.

@@ -73,6 +73,11 @@ pub struct Extent {
     pub host_offset: Option<u64>,
     /// The range is stored compressed.
     pub compressed: bool,
+    /// For `Data` stored at `host_offset`: the image file has a hole there (or ends
+    /// before it), so the range reads as zeroes although storage is allocated to it. Only
+    /// looked up where qemu looks too (qcow2 images with preallocated metadata), so that
+    /// `map` and `convert` see what qemu-img sees.
+    pub zero_in_file: bool,
 }
 
 /// Errors common to all formats.

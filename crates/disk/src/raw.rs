@@ -191,6 +191,7 @@ impl BlockDevice for RawImage {
             kind,
             host_offset: (kind == ExtentKind::Data).then_some(offset),
             compressed: false,
+            zero_in_file: false,
         })
     }
 

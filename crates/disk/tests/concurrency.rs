@@ -112,6 +112,7 @@ impl BlockDevice for GateDisk {
             kind: ExtentKind::Data,
             host_offset: None,
             compressed: false,
+            zero_in_file: false,
         })
     }
     fn is_read_only(&self) -> bool {

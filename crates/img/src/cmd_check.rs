@@ -181,7 +181,7 @@ pub(crate) fn check(args: &[String]) -> Result<i32, ImgError> {
         write: mode != RepairMode::None,
         no_backing: true,
         no_repair: true,
-        no_sync: false,
+        ..OpenFlags::default()
     };
     let o = open_image(&spec, &secrets, flags)?;
     if o.format != ImageFormat::Qcow2 {
@@ -256,7 +256,7 @@ pub(crate) fn snapshot(args: &[String]) -> Result<i32, ImgError> {
             write,
             no_backing: true,
             no_repair: !write,
-            no_sync: false,
+            ..OpenFlags::default()
         },
     )?;
     let Some(q) = o.qcow2 else {

@@ -255,7 +255,11 @@ pub(crate) fn create(args: &[String]) -> Result<i32, ImgError> {
                 format: parse_format(t.qcow2.backing_format.as_deref())?,
                 key_secret: None,
             };
-            let opened = open_image(&spec, &secrets, OpenFlags::default()).map_err(|e| {
+            let header = OpenFlags {
+                header_only: true,
+                ..OpenFlags::default()
+            };
+            let opened = open_image(&spec, &secrets, header).map_err(|e| {
                 ImgError::Msg(format!(
                     "Could not open backing image '{rs}': {}",
                     crate::one_line(&e)

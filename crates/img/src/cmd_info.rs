@@ -3,13 +3,14 @@
 use std::path::Path;
 use std::sync::Arc;
 
+use kiln_disk::crypto::LuksHeader;
 use kiln_disk::qcow2::{Prealloc, Qcow2Info, Snapshot};
 use kiln_disk::{BlockDevice, ImageFormat};
 
 use crate::args::{parse, parse_size, Arg};
 use crate::cmd_check::snapshot_table;
 use crate::cmd_create::target_options;
-use crate::output::{human_size, Json};
+use crate::output::{human_size, human_tree, Json};
 use crate::{
     chain_of, chain_paths, chain_status, open_image, secrets_of, ImageSpec, ImgError, OpenFlags,
     Opened,
@@ -42,7 +43,53 @@ fn snapshot_json(s: &Snapshot) -> Json {
     Json::obj(v)
 }
 
-fn qcow2_specific(q: &Qcow2Info) -> Vec<(&'static str, Json)> {
+/// qemu's QCryptoBlockInfoLUKS, keys in the order qemu prints them.
+fn luks_json(h: &LuksHeader) -> Json {
+    let (mode, iv) = h
+        .cipher_mode
+        .split_once('-')
+        .unwrap_or((h.cipher_mode.as_str(), ""));
+    let (ivgen, ivhash) = iv.split_once(':').unwrap_or((iv, ""));
+    // XTS splits the key in two halves.
+    let bits = h.key_bytes * 8 / if mode == "xts" { 2 } else { 1 };
+    let mut v = Vec::new();
+    if !ivgen.is_empty() {
+        v.push(("ivgen-alg", Json::s(ivgen)));
+    }
+    v.push(("hash-alg", Json::s(&h.hash_spec)));
+    v.push(("cipher-alg", Json::s(&format!("{}-{bits}", h.cipher_name))));
+    v.push(("uuid", Json::s(&h.uuid)));
+    if !ivhash.is_empty() {
+        v.push(("ivgen-hash-alg", Json::s(ivhash)));
+    }
+    v.push(("format", Json::s("luks")));
+    v.push(("cipher-mode", Json::s(mode)));
+    let slots = h
+        .slot_info()
+        .iter()
+        .map(|s| {
+            if s.active {
+                Json::obj(vec![
+                    ("active", Json::Bool(true)),
+                    ("iters", Json::u(u64::from(s.iterations))),
+                    ("key-offset", Json::u(s.key_offset)),
+                    ("stripes", Json::u(u64::from(s.stripes))),
+                ])
+            } else {
+                Json::obj(vec![
+                    ("active", Json::Bool(false)),
+                    ("key-offset", Json::u(s.key_offset)),
+                ])
+            }
+        })
+        .collect();
+    v.push(("slots", Json::Arr(slots)));
+    v.push(("payload-offset", Json::u(u64::from(h.payload_offset) * 512)));
+    v.push(("master-key-iters", Json::u(u64::from(h.mk_digest_iter))));
+    Json::obj(v)
+}
+
+fn qcow2_specific(q: &Qcow2Info, luks: Option<&LuksHeader>) -> Vec<(&'static str, Json)> {
     let mut v = vec![(
         "compat",
         Json::s(if q.version == 2 { "0.10" } else { "1.1" }),
@@ -52,7 +99,9 @@ fn qcow2_specific(q: &Qcow2Info) -> Vec<(&'static str, Json)> {
         v.push(("lazy-refcounts", Json::Bool(q.lazy_refcounts)));
     }
     v.push(("refcount-bits", Json::u(u64::from(q.refcount_bits))));
-    if q.crypt_method == 2 {
+    if let Some(h) = luks {
+        v.push(("encrypt", luks_json(h)));
+    } else if q.crypt_method == 2 {
         v.push(("encrypt", Json::obj(vec![("format", Json::s("luks"))])));
     } else if q.crypt_method == 1 {
         v.push(("encrypt", Json::obj(vec![("format", Json::s("aes"))])));
@@ -81,6 +130,13 @@ fn describe(o: &Opened, display: &str) -> Result<ImageInfo, ImgError> {
         human_size(actual)
     );
     let q = o.qcow2.as_ref().map(|q| q.info());
+    let luks = match &o.qcow2 {
+        Some(img) => img.luks_header().map_err(ImgError::disk(display))?,
+        None => None,
+    };
+    if q.as_ref().is_some_and(|q| q.crypt_method != 0) {
+        h.push_str("encrypted: yes\n");
+    }
     if let Some(q) = &q {
         if let Some(f) = &q.backing_format {
             j.push(("backing-filename-format", Json::s(f)));
@@ -99,23 +155,28 @@ fn describe(o: &Opened, display: &str) -> Result<ImageInfo, ImgError> {
         h.push_str(&format!("cluster_size: {}\n", q.cluster_size));
     }
     j.push(("format", Json::s(o.format.name())));
-    if q.as_ref().is_some_and(|q| q.crypt_method != 0) {
-        j.push(("encrypted", Json::Bool(true)));
-        h.push_str("encrypted: yes\n");
-    }
     j.push(("actual-size", Json::u(actual)));
     if let Some(q) = &q {
         j.push((
             "format-specific",
             Json::obj(vec![
                 ("type", Json::s("qcow2")),
-                ("data", Json::obj(qcow2_specific(q))),
+                ("data", Json::obj(qcow2_specific(q, luks.as_ref()))),
             ]),
         ));
-        if let Some(b) = &q.backing_file {
-            let full = kiln_disk::qcow2::resolve_backing(Path::new(display), b);
-            let full = full.to_string_lossy().into_owned();
-            j.push(("full-backing-filename", Json::s(&full)));
+        // (qemu's key order is its hash table's: "encrypted" falls between these two.)
+        let full_backing = q.backing_file.as_ref().map(|b| {
+            kiln_disk::qcow2::resolve_backing(Path::new(display), b)
+                .to_string_lossy()
+                .into_owned()
+        });
+        if let Some(full) = &full_backing {
+            j.push(("full-backing-filename", Json::s(full)));
+        }
+        if q.crypt_method != 0 {
+            j.push(("encrypted", Json::Bool(true)));
+        }
+        if let (Some(b), Some(full)) = (&q.backing_file, full_backing) {
             j.push(("backing-filename", Json::s(b)));
             if &full == b {
                 h.push_str(&format!("backing file: {b}\n"));
@@ -133,30 +194,11 @@ fn describe(o: &Opened, display: &str) -> Result<ImageInfo, ImgError> {
             h.push_str(&snapshot_table(&q.snapshots));
         }
         h.push_str("Format specific information:\n");
-        for (k, v) in qcow2_specific(q) {
-            let val = match v {
-                Json::Bool(b) => b.to_string(),
-                Json::Int(i) => i.to_string(),
-                Json::Str(s) => s,
-                Json::Obj(pairs) => {
-                    let inner: Vec<String> = pairs
-                        .iter()
-                        .map(|(k, v)| {
-                            format!(
-                                "\n        {k}: {}",
-                                match v {
-                                    Json::Str(s) => s.clone(),
-                                    other => other.pretty(),
-                                }
-                            )
-                        })
-                        .collect();
-                    inner.concat()
-                }
-                Json::Arr(_) => String::new(),
-            };
-            h.push_str(&format!("    {}: {val}\n", k.replace('-', " ")));
-        }
+        let data: Vec<(String, Json)> = qcow2_specific(q, luks.as_ref())
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v))
+            .collect();
+        human_tree(&mut h, 1, &data);
     }
     j.push((
         "dirty-flag",
@@ -204,6 +246,7 @@ pub(crate) fn info(args: &[String]) -> Result<i32, ImgError> {
             let flags = OpenFlags {
                 no_backing: true,
                 no_repair: true,
+                header_only: true,
                 ..OpenFlags::default()
             };
             let o = open_image(&lspec, &secrets, flags)?;
@@ -213,6 +256,7 @@ pub(crate) fn info(args: &[String]) -> Result<i32, ImgError> {
         let flags = OpenFlags {
             no_backing: true,
             no_repair: true,
+            header_only: true,
             ..OpenFlags::default()
         };
         let o = open_image(&spec, &secrets, flags)?;
@@ -343,8 +387,13 @@ pub(crate) fn map(args: &[String]) -> Result<i32, ImgError> {
                 format!("{v:#x}")
             }
         };
-        for e in entries.iter().filter(|e| e.data && e.present) {
-            let Some(off) = e.offset else { continue };
+        for e in entries.iter().filter(|e| e.data && !e.zero) {
+            let Some(off) = e.offset else {
+                // qemu-img stops here too (after the header line).
+                return Err(ImgError::Msg(
+                    "File contains external, encrypted or compressed clusters.".into(),
+                ));
+            };
             let file = names
                 .get(e.depth)
                 .map(|p| p.to_string_lossy().into_owned())

@@ -204,6 +204,9 @@ pub(crate) struct OpenFlags {
     pub no_repair: bool,
     /// cache=unsafe: no syncs.
     pub no_sync: bool,
+    /// Only the header is needed (qemu's BDRV_O_NO_IO, for `info`): an encrypted image
+    /// opens without its key.
+    pub header_only: bool,
 }
 
 /// Opens an image (probing the format unless given), with its backing chain read-only.
@@ -245,6 +248,13 @@ pub(crate) fn open_image(
                 path: format!("Could not open '{}'", spec.path),
                 source: e,
             })?);
+            if q.is_encrypted() && opts.key.is_none() && !flags.header_only {
+                // Like qemu-img: without the key, only `info` opens an encrypted image.
+                return Err(ImgError::Msg(format!(
+                    "Could not open '{}': Parameter 'encrypt.key-secret' is required for cipher",
+                    spec.path
+                )));
+            }
             Ok(Opened {
                 dev: q.clone(),
                 qcow2: Some(q),
@@ -343,7 +353,7 @@ pub(crate) fn chain_status(
             kiln_disk::ExtentKind::Data => {
                 return Ok(ChainStatus {
                     len,
-                    zero: false,
+                    zero: st.zero_in_file,
                     depth,
                     present: true,
                     offset: st.host_offset,

@@ -86,6 +86,41 @@ impl Json {
     }
 }
 
+/// Prints an object's entries the way qemu-img prints "Format specific information":
+/// `key: value` lines (dashes in keys become spaces), nested objects and lists indented by
+/// four spaces, list items as `[i]:`.
+pub fn human_tree(out: &mut String, indent: usize, pairs: &[(String, Json)]) {
+    for (k, v) in pairs {
+        let _ = write!(out, "{:1$}{2}:", "", indent * 4, k.replace('-', " "));
+        human_value(out, indent, v);
+    }
+}
+
+fn human_value(out: &mut String, indent: usize, v: &Json) {
+    match v {
+        Json::Obj(pairs) => {
+            out.push('\n');
+            human_tree(out, indent + 1, pairs);
+        }
+        Json::Arr(items) => {
+            out.push('\n');
+            for (i, it) in items.iter().enumerate() {
+                let _ = write!(out, "{:1$}[{2}]:", "", (indent + 1) * 4, i);
+                human_value(out, indent + 1, it);
+            }
+        }
+        Json::Bool(b) => {
+            let _ = writeln!(out, " {b}");
+        }
+        Json::Int(i) => {
+            let _ = writeln!(out, " {i}");
+        }
+        Json::Str(s) => {
+            let _ = writeln!(out, " {s}");
+        }
+    }
+}
+
 /// Formats a byte count like qemu's size_to_str: three significant digits, binary units.
 pub fn human_size(val: u64) -> String {
     const SUFFIXES: [&str; 7] = ["", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei"];

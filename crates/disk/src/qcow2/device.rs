@@ -15,6 +15,17 @@ use crate::{check_range, BlockDevice, DiskError, Extent, ExtentKind, ImageFormat
 const CRYPT_SECTOR: u64 = 512;
 
 impl Qcow2Image {
+    /// Whether the image looks like it was made with preallocation=metadata: more clusters
+    /// in use than the file has storage for. Decided once, like qemu (which only then asks
+    /// the file system where data clusters have holes).
+    fn metadata_preallocated(&self) -> Result<bool, Qcow2Error> {
+        if let Some(&v) = self.metadata_prealloc.get() {
+            return Ok(v);
+        }
+        let v = self.lock().detect_metadata_preallocation()?;
+        Ok(*self.metadata_prealloc.get_or_init(|| v))
+    }
+
     /// Reads guest data (range already checked), sharing the lock with other requests.
     fn read_guest(&self, offset: u64, buf: &mut [u8]) -> Result<(), Qcow2Error> {
         let mut done = 0usize;
@@ -216,13 +227,22 @@ impl BlockDevice for Qcow2Image {
             Unit::Unalloc(_) => (ExtentKind::Unallocated, false),
             Unit::Compressed(_) => (ExtentKind::Data, true),
         };
-        Ok(Extent {
+        let mut ext = Extent {
             len: run.len,
             kind,
             // Like qemu: no offsets into an encrypted image (they would not read as data).
             host_offset: run.host.filter(|_| !encrypted),
             compressed,
-        })
+            zero_in_file: false,
+        };
+        if let (ExtentKind::Data, false, Some(host)) = (kind, compressed, ext.host_offset) {
+            if self.metadata_preallocated()? {
+                let (len, zero) = self.shared().host_file_status(host, ext.len)?;
+                ext.len = len;
+                ext.zero_in_file = zero;
+            }
+        }
+        Ok(ext)
     }
 
     fn is_read_only(&self) -> bool {

@@ -285,6 +285,60 @@ impl State {
         Ok(())
     }
 
+    /// qemu's test for preallocated metadata: at least 10 % (and 2 clusters) more clusters
+    /// have a refcount than the file has storage for.
+    pub(crate) fn detect_metadata_preallocation(&mut self) -> Result<bool, Qcow2Error> {
+        let file_len = self
+            .file
+            .metadata()
+            .map_err(Qcow2Error::io("reading the image size"))?
+            .len();
+        let real_clusters = fileio::allocated_bytes(&self.file)
+            .map_err(Qcow2Error::io("reading the image size"))?
+            / self.cs;
+        let threshold = (real_clusters.saturating_mul(10) / 9).max(real_clusters + 2);
+        let end = file_len.div_ceil(self.cs);
+        let mut in_use = 0u64;
+        let mut c = 0u64;
+        while c < end && in_use < threshold {
+            if self.refcount(c)? != 0 {
+                in_use += 1;
+            }
+            c += 1;
+        }
+        Ok(in_use >= threshold)
+    }
+
+    /// What the image file holds at `[host, host + len)`, as qemu asks the file system:
+    /// `(length, reads as zero)` of the first stretch, a hole (or the end of the file)
+    /// being zero and anything else data.
+    pub(crate) fn host_file_status(&self, host: u64, len: u64) -> Result<(u64, bool), Qcow2Error> {
+        let file_len = self
+            .file
+            .metadata()
+            .map_err(Qcow2Error::io("reading the image size"))?
+            .len();
+        if host >= file_len {
+            return Ok((len, true));
+        }
+        Ok(match fileio::seek_data_hole(&self.file, host, true) {
+            // No data up to the end of the file: a hole that runs to the end reads as zero
+            // for the whole range.
+            None => (len, true),
+            Some(d) if d > host => {
+                if d >= file_len {
+                    (len, true)
+                } else {
+                    ((d - host).min(len), true)
+                }
+            }
+            Some(_) => {
+                let hole = fileio::seek_data_hole(&self.file, host, false).unwrap_or(file_len);
+                ((hole.max(host + 1) - host).min(len), false)
+            }
+        })
+    }
+
     /// Forgets the decompressed cluster cached for `entry` (its cluster is being released).
     pub(crate) fn forget_decompressed(&self, entry: u64) {
         let mut cache = self.decompressed.lock().unwrap_or_else(|p| p.into_inner());

@@ -78,6 +78,8 @@ pub struct Qcow2Info {
 pub struct Qcow2Image {
     st: RwLock<State>,
     dirty_at_open: bool,
+    /// See `metadata_preallocated` (device.rs).
+    metadata_prealloc: std::sync::OnceLock<bool>,
 }
 
 pub(crate) fn fileio_write(file: &File, off: u64, buf: &[u8]) -> Result<(), Qcow2Error> {
@@ -179,6 +181,7 @@ impl Qcow2Image {
         Ok(Qcow2Image {
             st: RwLock::new(st),
             dirty_at_open,
+            metadata_prealloc: std::sync::OnceLock::new(),
         })
     }
 
@@ -307,6 +310,25 @@ impl Qcow2Image {
     /// qemu's make_empty after a commit.
     pub fn make_empty(&self) -> Result<(), DiskError> {
         Ok(self.lock().deallocate_all()?)
+    }
+
+    /// The LUKS header of an image encrypted with encrypt.format=luks (`None` for other
+    /// images); needs no key.
+    pub fn luks_header(&self) -> Result<Option<LuksHeader>, DiskError> {
+        let st = self.shared();
+        if st.hdr.crypt_method != 2 {
+            return Ok(None);
+        }
+        let Some((off, len)) = st.hdr.crypto_header else {
+            return Err(Qcow2Error::Header("missing encryption header".into()).into());
+        };
+        st.check_table_placement("encryption header", off, len)?;
+        let raw = st.read_meta(
+            off,
+            (crate::crypto::LUKS_HEADER_LEN as u64).min(len),
+            "LUKS header",
+        )?;
+        Ok(Some(LuksHeader::parse(&raw).map_err(Qcow2Error::Crypto)?))
     }
 
     /// Whether the image is encrypted.
