@@ -27,6 +27,7 @@ const OOB_ADDR: u64 = 0xffff_ffff_ffff_ff00;
 const OOB_RING: u64 = 0x0000_7f00_0000_0000;
 const OOB_LEN: u32 = 0x200;
 const HUGE_LEN: u32 = 0xffff_f000;
+const PAGE: u64 = crate::ranges::PAGE;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Outcome {
@@ -127,11 +128,13 @@ fn write_chain(q: &mut Virtqueue, segs: &[Seg]) -> u16 {
 /// Sets up the device with the attacked queue malformed as `case` says and
 /// posts the bad request. Returns the transport and the attacked queue, or
 /// the outcome if the device already refused during setup.
+#[allow(clippy::too_many_arguments)]
 fn arm(
     pci: &Pci,
     f: &Function,
     tg: &Target,
     case: HostileCase,
+    edge: u64,
     dma: &mut Dma,
     clock: &Clock,
 ) -> Result<Result<(Transport, Virtqueue), Outcome>, Reason> {
@@ -190,6 +193,8 @@ fn arm(
                 s[tg.data].addr = OOB_ADDR;
                 s[tg.data].len = OOB_LEN;
             } else {
+                // Starts in the last RAM page below 4 GiB: whatever follows is not RAM.
+                s[tg.data].addr = edge;
                 s[tg.data].len = HUGE_LEN;
             }
             write_chain(&mut q, &s[..tg.nsegs]);
@@ -258,6 +263,9 @@ fn observe(t: &Transport, q: &Virtqueue, tg: &Target, case: HostileCase, clock: 
                     OOB_ADDR
                 ));
             }
+            if case == HostileCase::HugeLen && data.write && u64::from(len) > u64::from(others) + PAGE {
+                return Err(reason!("{}: device reports {} bytes written from the last RAM page on", t.bdf, len));
+            }
             // SAFETY: the status byte lies in our DMA buffer; the device completed the request.
             let status = tg.status.map(|a| unsafe { core::ptr::read_volatile(a as *const u8) });
             // With device-writable buffers, 0 bytes means "refused"; a transmit
@@ -300,7 +308,8 @@ pub fn health(pci: &Pci, f: &Function, dma: &mut Dma, clock: &Clock) -> Result<(
     tr.reset(clock)
 }
 
-pub fn check(pci: &Pci, o: &DevOptions, dma: &mut Dma, clock: &Clock) -> bool {
+/// `edge` is a free page at the very end of RAM below 4 GiB (for `huge_len`).
+pub fn check(pci: &Pci, o: &DevOptions, edge: Option<u64>, dma: &mut Dma, clock: &Clock) -> bool {
     let Some(f) = functions(pci, o.hostile_target).next() else {
         emit!("PROBE hostile fail no virtio-{} device to attack", virtio::type_name(o.hostile_target));
         return false;
@@ -313,10 +322,14 @@ pub fn check(pci: &Pci, o: &DevOptions, dma: &mut Dma, clock: &Clock) -> bool {
         emit!("PROBE hostile fail cannot attack this device type");
         return false;
     };
+    let Some(edge) = edge else {
+        emit!("PROBE hostile fail no free page at the end of RAM below 4 GiB");
+        return false;
+    };
     let mut counts = [0u32; 4];
     let mut ncases = 0;
     for case in HostileCase::ALL.into_iter().filter(|c| o.hostile_cases & c.bit() != 0) {
-        let outcome = arm(pci, f, &tg, case, dma, clock).and_then(|armed| match armed {
+        let outcome = arm(pci, f, &tg, case, edge, dma, clock).and_then(|armed| match armed {
             Ok((t, q)) => observe(&t, &q, &tg, case, clock),
             Err(outcome) => Ok(outcome),
         });

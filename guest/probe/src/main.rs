@@ -53,6 +53,9 @@ extern "C" fn probe_main(entry: u64, info: u64) -> ! {
     };
     let needs_virtio = opts.needs_virtio();
     let mut dma = if needs_virtio { Dma::new(boot.e820(), &mut reserved, opts.dev.dma_bytes()) } else { None };
+    // The hostile check's huge buffer starts in the last RAM page below 4 GiB.
+    let edge =
+        if opts.enabled(Check::Hostile) { reserved.alloc_top(boot.e820(), 4096, 1 << 20, 1 << 32) } else { None };
     let tsc = if opts.enabled(Check::Smp) || opts.enabled(Check::Mem) || opts.enabled(Check::Cpu) || needs_virtio {
         tsc::calibrate()
     } else {
@@ -72,7 +75,7 @@ extern "C" fn probe_main(entry: u64, info: u64) -> ! {
             Check::Rtc => rtc::check(),
             Check::Pci => pci::check(pci.as_ref(), boot.e820(), &acpi),
             dev => match (&pci, dma.as_mut()) {
-                (Ok(pci), Some(dma)) => virtio_check(dev, pci, dma, &clock, &opts.dev),
+                (Ok(pci), Some(dma)) => virtio_check(dev, pci, dma, &clock, &opts.dev, edge),
                 (Err(r), _) => {
                     emit!("PROBE {} fail no PCI: {}", dev.name(), r);
                     false
@@ -116,13 +119,20 @@ extern "C" fn probe_main(entry: u64, info: u64) -> ! {
 }
 
 /// Runs one of the virtio device checks.
-fn virtio_check(check: Check, pci: &pci::Pci, dma: &mut Dma, clock: &Clock, dev: &probe::devopts::DevOptions) -> bool {
+fn virtio_check(
+    check: Check,
+    pci: &pci::Pci,
+    dma: &mut Dma,
+    clock: &Clock,
+    dev: &probe::devopts::DevOptions,
+    edge: Option<u64>,
+) -> bool {
     match check {
         Check::Rng => virtio::rng::check(pci, dev.qsize, dma, clock),
         Check::Blk => virtio::blk::check(pci, dev, dma, clock),
         Check::Net => virtio::net::check(pci, dev, dma, clock),
         Check::Console => virtio::console::check(pci, dev.console_wait_ms, dev.qsize, dma, clock),
-        Check::Hostile => probe::hostile::check(pci, dev, dma, clock),
+        Check::Hostile => probe::hostile::check(pci, dev, edge, dma, clock),
         // The other checks are not virtio checks (the caller never passes them).
         _ => false,
     }

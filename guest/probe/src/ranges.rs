@@ -87,6 +87,34 @@ impl Reserved {
     }
 }
 
+impl Reserved {
+    /// Like [`Reserved::alloc`], but the highest fit: the last free `size`
+    /// bytes of the highest RAM entry in `[lo, hi)` that has them.
+    pub fn alloc_top(&mut self, e820: &[E820Entry], size: u64, lo: u64, hi: u64) -> Option<u64> {
+        if self.len == MAX_RANGES {
+            return None;
+        }
+        let mut best = None;
+        for e in e820.iter().filter(|e| e.kind == E820_RAM) {
+            let start = align_up(e.addr.max(lo), PAGE);
+            let mut end = align_down(e.end().min(hi), PAGE);
+            while end >= start.saturating_add(size) {
+                let cand = end - size;
+                match self.overlap(cand, end) {
+                    Some(r) => end = align_down(r.start, PAGE),
+                    None => {
+                        best = best.max(Some(cand));
+                        break;
+                    }
+                }
+            }
+        }
+        let at = best?;
+        self.add(at, size);
+        Some(at)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -105,6 +133,17 @@ mod tests {
         assert_eq!(r.alloc(&e820, PAGE, 1 << 20, 1 << 32), Some(0x13_0000));
         assert_eq!(r.alloc(&e820, PAGE, 0x1000, 0xa0000), Some(0x1000));
         assert!(r.overlap(0x13_2000, 0x13_3000).is_some());
+    }
+
+    #[test]
+    fn alloc_top_takes_the_highest_free_pages() {
+        let e820 = [ram(0, 0x9fc00), ram(0x10_0000, 0x100_0000), ram(0x1_0000_0000, 0x1000_0000)];
+        let mut r = Reserved::new();
+        r.add(0x10f_f000, 0x1000);
+        assert_eq!(r.alloc_top(&e820, PAGE, 1 << 20, 1 << 32), Some(0x10f_e000));
+        assert_eq!(r.alloc_top(&e820, PAGE, 1 << 20, 1 << 32), Some(0x10f_d000));
+        assert_eq!(r.alloc_top(&e820, 2 * PAGE, 0, 0x9f000), Some(0x9d000));
+        assert_eq!(r.alloc_top(&e820, 0x200_0000, 0, 1 << 32), None);
     }
 
     #[test]
