@@ -9,6 +9,7 @@
 //! - `probe.console_wait_ms=N`
 //! - `probe.hostile=rng|blk|net|console`, `probe.hostile_cases=loop,oob_addr,...`
 //! - `probe.virtio_qsize=N`: the largest queue the drivers set up (default 256)
+//! - `probe.pci_high=0|1`: move every 64-bit BAR above 4 GiB first
 //!
 //! Sizes are decimal or 0x-hex with an optional K, M or G (binary) suffix.
 
@@ -149,6 +150,8 @@ pub struct DevOptions {
     pub hostile_target: u16,
     pub hostile_cases: u32,
     pub qsize: u16,
+    /// Move every 64-bit BAR above 4 GiB before the checks.
+    pub pci_high: bool,
 }
 
 impl Default for DevOptions {
@@ -167,6 +170,7 @@ impl Default for DevOptions {
             hostile_target: crate::virtio::TYPE_RNG,
             hostile_cases: HostileCase::ALL.iter().fold(0, |m, c| m | c.bit()),
             qsize: 256,
+            pci_high: false,
         }
     }
 }
@@ -346,6 +350,13 @@ impl DevOptions {
                     mask |= c.ok_or_else(|| reason!("unknown case in probe.hostile_cases: {}", show(name)))?.bit();
                 }
                 self.hostile_cases = mask;
+            }
+            b"pci_high" => {
+                self.pci_high = match v {
+                    b"0" => false,
+                    b"1" => true,
+                    _ => return Err(bad()),
+                }
             }
             b"virtio_qsize" => {
                 self.qsize = parse_size(v)

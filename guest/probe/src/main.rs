@@ -48,7 +48,7 @@ extern "C" fn probe_main(entry: u64, info: u64) -> ! {
     let mapped = paging::map_all(boot.e820(), &mut reserved);
     let pci = match (opts.needs_pci(), mapped) {
         (false, _) => Err(reason!("not enumerated")),
-        (true, Ok(top)) => pci::discover(&acpi, boot.e820(), &mut reserved, top),
+        (true, Ok(top)) => pci::discover(&acpi, boot.e820(), &mut reserved, top, opts.dev.pci_high),
         (true, Err(r)) => Err(r),
     };
     let needs_virtio = opts.needs_virtio();

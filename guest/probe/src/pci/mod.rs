@@ -178,6 +178,8 @@ pub struct Pci {
     pub bridge: Option<HostBridge>,
     /// BARs the probe placed because the VMM left them at 0.
     pub assigned: u32,
+    /// 64-bit BARs the probe moved above 4 GiB (`probe.pci_high=1`).
+    pub moved: u32,
     /// Whether 0xCF8 answers too (then it is compared with ECAM).
     pub cf8: bool,
     /// A problem found while setting up (assignment, mapping).
@@ -373,8 +375,15 @@ fn scan_bus(pci: &mut Pci, bus: u8, depth: u32) {
 
 /// Finds configuration space and enumerates every function; places
 /// unassigned memory BARs in the host bridge's windows; maps BARs above the
-/// identity map. Prints one `PROBE info pci` line per function.
-pub fn discover(acpi: &Acpi, e820: &[E820Entry], reserved: &mut Reserved, mapped_top: u64) -> Result<Pci, Reason> {
+/// identity map (first moving 64-bit BARs above 4 GiB if `high`). Prints one
+/// `PROBE info pci` line per function.
+pub fn discover(
+    acpi: &Acpi,
+    e820: &[E820Entry],
+    reserved: &mut Reserved,
+    mapped_top: u64,
+    high: bool,
+) -> Result<Pci, Reason> {
     let bridge = acpi.dsdt.and_then(|(addr, len)| {
         let aml = crate::acpi::bytes(addr, len);
         pcihost::parse_host_bridge(aml.get(36..)?)
@@ -402,6 +411,7 @@ pub fn discover(acpi: &Acpi, e820: &[E820Entry], reserved: &mut Reserved, mapped
         truncated: false,
         bridge,
         assigned: 0,
+        moved: 0,
         cf8,
         problem: None,
     };
@@ -409,6 +419,12 @@ pub fn discover(acpi: &Acpi, e820: &[E820Entry], reserved: &mut Reserved, mapped
     match assign::assign_unassigned(&mut pci, e820, acpi) {
         Ok(n) => pci.assigned = n,
         Err(r) => pci.problem = Some(r),
+    }
+    if high && pci.problem.is_none() {
+        match assign::move_high(&mut pci, e820, acpi) {
+            Ok(n) => pci.moved = n,
+            Err(r) => pci.problem = Some(r),
+        }
     }
     let mut map_error = None;
     for f in pci.functions() {
@@ -493,7 +509,7 @@ pub fn check(pci: Result<&Pci, &Reason>, e820: &[E820Entry], acpi: &Acpi) -> boo
                 Config::Cf8 => ((0, 255), 0),
             };
             emit!(
-                "PROBE pci ok config={} ecam={:#x} buses={}-{} functions={} bars={} windows={} assigned={} cf8={}",
+                "PROBE pci ok config={} ecam={:#x} buses={}-{} functions={} bars={} windows={} assigned={} moved={} cf8={}",
                 pci.config.name(),
                 ecam,
                 buses.0,
@@ -502,6 +518,7 @@ pub fn check(pci: Result<&Pci, &Reason>, e820: &[E820Entry], acpi: &Acpi) -> boo
                 bars,
                 pci.windows().len(),
                 pci.assigned,
+                pci.moved,
                 cf8
             );
             true
