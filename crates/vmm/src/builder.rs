@@ -15,14 +15,16 @@ use kiln_arch::regs::{self, EntryPoint};
 use kiln_arch::{cpuid, e820};
 use kiln_devices::legacy::{AcpiPm, Cmos, SerialPort, I8042};
 use kiln_devices::{Bus, IrqLine, SharedExitHandle};
+use kiln_virtio::rng::Rng;
 use kvm_bindings::{
     kvm_enable_cap, kvm_pit_config, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Cap, Kvm, VmFd};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::config::{BootEntry, MemorySize, SerialConfig, VmConfig};
+use crate::config::{BootEntry, MemorySize, SerialConfig, Transport, VmConfig};
 use crate::console::{EscapeFilter, FdWriter, RawTerminal};
+use crate::devices::DeviceManager;
 use crate::error::{kvm_err, os_err, VmError};
 use crate::events::VmEvents;
 use crate::loader::{self, KernelKind, LoaderError};
@@ -35,9 +37,10 @@ impl Vm {
     pub fn build(cfg: &VmConfig) -> Result<Vm, VmError> {
         reject_unimplemented(cfg)?;
         let kvm = open_kvm()?;
-        let base_cpuid = check_host(&kvm, cfg)?;
+        let (base_cpuid, phys_bits) = check_host(&kvm, cfg)?;
         log::debug!("creating the VM");
         let (vm_fd, mem, deferred) = create_vm(&kvm, cfg)?;
+        let vm_fd = Arc::new(vm_fd);
         log::debug!("memory, irqchip and PIT ready");
 
         let (events, events_rx, wake) =
@@ -45,8 +48,10 @@ impl Vm {
         let legacy = attach_legacy_devices(&vm_fd, cfg, &events)?;
         let progress = Arc::new(DeferredSlots::default());
         let mmio = pending_ram_bus(&mem, &deferred, &progress)?;
+        let mut devices = attach_pci_root(&vm_fd, &mem, cfg, phys_bits, &legacy.pio, &mmio)?;
+        attach_rng(&mut devices, cfg)?;
 
-        let entry = load_guest(&mem, cfg)?;
+        let entry = load_guest(&mem, cfg, &devices)?;
         log::debug!("entering the kernel through {entry:?}");
 
         let vcpus = create_vcpus(
@@ -70,7 +75,6 @@ impl Vm {
         log::debug!("vCPUs started");
 
         // Everything below runs while the guest already does.
-        let vm_fd = Arc::new(vm_fd);
         let slot_thread = if deferred.is_empty() {
             None
         } else {
@@ -94,6 +98,7 @@ impl Vm {
             vm_fd,
             mem,
             vcpus: handles,
+            devices,
             events: events_rx,
             wake,
             serial: legacy.serial,
@@ -111,7 +116,6 @@ fn reject_unimplemented(cfg: &VmConfig) -> Result<(), VmError> {
     let missing = [
         (!cfg.disks.is_empty(), "--disk (virtio-blk)"),
         (!cfg.nets.is_empty(), "--net (virtio-net)"),
-        (cfg.rng, "--rng (virtio-rng)"),
         (cfg.console.is_some(), "--console (virtio-console)"),
     ];
     match missing.iter().find(|(asked, _)| *asked) {
@@ -132,8 +136,9 @@ fn open_kvm() -> Result<Kvm, VmError> {
     Kvm::new_with_path(&c_path).map_err(unavailable)
 }
 
-/// Checks that KVM and the host can run `cfg`; returns KVM's supported CPUID.
-fn check_host(kvm: &Kvm, cfg: &VmConfig) -> Result<CpuId, VmError> {
+/// Checks that KVM and the host can run `cfg`; returns KVM's supported CPUID and the host's
+/// physical-address bits.
+fn check_host(kvm: &Kvm, cfg: &VmConfig) -> Result<(CpuId, u32), VmError> {
     for (cap, name) in [
         (Cap::Irqchip, "an in-kernel irqchip (KVM_CAP_IRQCHIP)"),
         (Cap::UserMemory, "user memory slots (KVM_CAP_USER_MEMORY)"),
@@ -176,7 +181,7 @@ fn check_host(kvm: &Kvm, cfg: &VmConfig) -> Result<CpuId, VmError> {
         });
     }
     memory::check_tracking_fits(cfg.memory, memory::host_available_memory())?;
-    Ok(cpuid)
+    Ok((cpuid, phys_bits))
 }
 
 /// Creates the VM with its memory, irqchip and PIT. Returns the slots left to register in
@@ -286,7 +291,7 @@ fn attach_legacy_devices(
     })
 }
 
-/// The MMIO bus: for now, the RAM whose KVM slots are still being registered.
+/// The MMIO bus, with the RAM whose KVM slots are still being registered.
 fn pending_ram_bus(
     mem: &GuestMemory,
     deferred: &[SlotSpec],
@@ -300,21 +305,58 @@ fn pending_ram_bus(
     Ok(Arc::new(mmio))
 }
 
+/// The PCI host bridge: configuration ports, ECAM and the BAR windows. No KVM calls: a VM
+/// without devices starts as fast as before.
+fn attach_pci_root(
+    vm_fd: &Arc<VmFd>,
+    mem: &GuestMemory,
+    cfg: &VmConfig,
+    phys_bits: u32,
+    pio: &Bus,
+    mmio: &Arc<Bus>,
+) -> Result<DeviceManager, VmError> {
+    Ok(DeviceManager::new(
+        vm_fd.clone(),
+        mem.clone(),
+        cfg.memory,
+        phys_bits,
+        pio,
+        mmio,
+    )?)
+}
+
+/// `--rng`: virtio-rng on PCI.
+fn attach_rng(devices: &mut DeviceManager, cfg: &VmConfig) -> Result<(), VmError> {
+    if cfg.rng {
+        devices.attach_virtio(Box::new(Rng::new()), Transport::Pci)?;
+    }
+    Ok(())
+}
+
 /// Loads the kernel and initrd, writes the command line, ACPI tables and both boot
 /// protocols' information, and picks the entry point.
-fn load_guest(mem: &GuestMemory, cfg: &VmConfig) -> Result<EntryPoint, VmError> {
+fn load_guest(
+    mem: &GuestMemory,
+    cfg: &VmConfig,
+    devices: &DeviceManager,
+) -> Result<EntryPoint, VmError> {
     let kernel = loader::load_kernel(mem, &cfg.kernel, true)?;
     log::debug!("kernel loaded: {kernel:?}");
     let initrd = match &cfg.initrd {
         Some(p) => Some(loader::load_initrd(mem, p, &kernel)?),
         None => None,
     };
-    let cmdline_len = boot::write_cmdline(mem, &cfg.cmdline)?;
+    let mut cmdline = cfg.cmdline.clone();
+    for word in devices.cmdline_additions() {
+        cmdline.push(' ');
+        cmdline.push_str(word);
+    }
+    let cmdline_len = boot::write_cmdline(mem, &cmdline)?;
     let rsdp = acpi::write_tables(
         mem,
         &AcpiConfig {
             cpus: cfg.cpus,
-            pci: None,
+            pci: Some(devices.pci_host()),
         },
     )?;
     let e820 = e820::e820_map(cfg.memory);

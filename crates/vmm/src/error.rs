@@ -70,6 +70,12 @@ pub enum VmError {
     /// Device wiring.
     #[error("device setup: {0}")]
     Bus(#[from] kiln_devices::BusError),
+    /// PCI or virtio devices.
+    #[error(transparent)]
+    Devices(#[from] crate::devices::DeviceError),
+    /// A virtio device failed to pause, resume or report its state.
+    #[error(transparent)]
+    Virtio(#[from] kiln_devices::virtio::VirtioError),
     /// The serial output file.
     #[error("cannot open serial output file {path}")]
     SerialFile {

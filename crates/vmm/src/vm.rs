@@ -15,6 +15,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::config::VmConfig;
 use crate::console::{EscapeFilter, RawTerminal};
+use crate::devices::{DeviceManager, VirtioDeviceState};
 use crate::error::{os_err, VmError};
 use crate::events::VmEvent;
 use crate::memory::{self, GuestMemory, MemoryError};
@@ -54,6 +55,7 @@ pub struct Vm {
     pub(crate) vm_fd: Arc<VmFd>,
     pub(crate) mem: GuestMemory,
     pub(crate) vcpus: Vec<VcpuHandle>,
+    pub(crate) devices: DeviceManager,
     pub(crate) events: Receiver<VmEvent>,
     pub(crate) wake: Arc<EventFd>,
     pub(crate) serial: Arc<Mutex<SerialPort>>,
@@ -91,20 +93,38 @@ impl Vm {
         &self.vm_fd
     }
 
-    /// Stops every vCPU and waits until all have acknowledged.
+    /// Stops every vCPU and waits until all have acknowledged, then pauses the devices.
     pub fn pause(&mut self) -> Result<(), VmError> {
         for v in &self.vcpus {
             v.send(VcpuCommand::Pause);
         }
-        self.wait_for_all(|e| matches!(e, VmEvent::VcpuPaused(_)))
+        self.wait_for_all(|e| matches!(e, VmEvent::VcpuPaused(_)))?;
+        Ok(self.devices.pause()?)
     }
 
-    /// Lets every vCPU run again.
+    /// Resumes the devices, then lets every vCPU run again.
     pub fn resume(&mut self) -> Result<(), VmError> {
+        self.devices.resume()?;
         for v in &self.vcpus {
             v.send(VcpuCommand::Resume);
         }
         self.wait_for_all(|e| matches!(e, VmEvent::VcpuResumed(_)))
+    }
+
+    /// The PCI root and virtio devices.
+    pub fn devices(&self) -> &DeviceManager {
+        &self.devices
+    }
+
+    /// The state of every virtio device; the VM must be paused.
+    pub fn save_device_states(&self) -> Result<Vec<VirtioDeviceState>, VmError> {
+        Ok(self.devices.save()?)
+    }
+
+    /// Loads device states (as [`Vm::save_device_states`] returned them, for a VM built
+    /// from the same configuration); the VM must be paused.
+    pub fn restore_device_states(&self, states: Vec<VirtioDeviceState>) -> Result<(), VmError> {
+        Ok(self.devices.restore(states)?)
     }
 
     /// The state of every vCPU; the VM must be paused.
@@ -160,6 +180,7 @@ impl Vm {
             v.join();
         }
         log::debug!("vCPUs joined");
+        self.devices.shutdown();
         if let Some(input) = self.input.as_mut() {
             input.raw.take();
         }

@@ -1,0 +1,340 @@
+//! The VM's PCI root and virtio devices: the root bus with its configuration ports and
+//! ECAM, and one generic way to plug a virtio device into either transport
+//! ([`DeviceManager::attach_virtio`]).
+
+use std::sync::{Arc, Mutex};
+
+use kiln_arch::acpi::PciHostConfig;
+use kiln_arch::layout::{
+    self, PCI_BUS_LAST, PCI_ECAM_SIZE, PCI_ECAM_START, PCI_MMIO32_SIZE, PCI_MMIO32_START,
+    VIRTIO_MMIO_AREA, VIRTIO_MMIO_GSIS, VIRTIO_MMIO_SIZE, VIRTIO_MMIO_START,
+};
+use kiln_devices::bus::lock;
+use kiln_devices::pci::{PciConfigIo, PciEcam, PciError, PciRoot, PciWindows};
+use kiln_devices::virtio::mmio::{VirtioMmio, VirtioMmioState};
+use kiln_devices::virtio::pci::{VirtioPci, VirtioPciState};
+use kiln_devices::virtio::{VirtioDevice, VirtioError};
+use kiln_devices::{Bus, BusError, IrqLine};
+use kvm_ioctls::VmFd;
+use serde::{Deserialize, Serialize};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::config::Transport;
+use crate::interrupts::KvmHooks;
+use crate::memory::GuestMemory;
+
+/// Errors attaching devices.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    /// PCI.
+    #[error("PCI: cannot attach {device}")]
+    Pci {
+        /// Device name.
+        device: &'static str,
+        /// Why.
+        #[source]
+        source: PciError,
+    },
+    /// The virtio transport.
+    #[error("cannot attach {device}")]
+    Virtio {
+        /// Device name.
+        device: &'static str,
+        /// Why.
+        #[source]
+        source: VirtioError,
+    },
+    /// A bus range.
+    #[error("cannot place {what} on a bus")]
+    Bus {
+        /// What.
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: BusError,
+    },
+    /// All virtio-mmio slots or interrupt lines are taken.
+    #[error("no virtio-mmio slot left for {0}")]
+    MmioFull(&'static str),
+    /// An interrupt line could not be set up.
+    #[error("cannot set up the interrupt of {device}")]
+    Irq {
+        /// Device name.
+        device: &'static str,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The state does not fit the devices.
+    #[error("device state does not fit: {0}")]
+    State(String),
+}
+
+/// A virtio device on its transport.
+#[derive(Clone)]
+pub enum VirtioHandle {
+    /// On PCI, in this slot.
+    Pci(u8, Arc<Mutex<VirtioPci>>),
+    /// On virtio-mmio at this address.
+    Mmio(u64, Arc<Mutex<VirtioMmio>>),
+}
+
+/// One device's state.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum VirtioDeviceState {
+    /// A virtio-pci device in this slot.
+    Pci {
+        /// PCI slot.
+        slot: u8,
+        /// Its state.
+        state: VirtioPciState,
+    },
+    /// A virtio-mmio device at this address.
+    Mmio {
+        /// Base address.
+        base: u64,
+        /// Its state.
+        state: VirtioMmioState,
+    },
+}
+
+/// The PCI root and the virtio devices of a VM.
+pub struct DeviceManager {
+    root: Arc<Mutex<PciRoot>>,
+    host: PciHostConfig,
+    hooks: Arc<KvmHooks>,
+    vm: Arc<VmFd>,
+    mem: GuestMemory,
+    mmio_bus: Arc<Bus>,
+    virtio: Vec<VirtioHandle>,
+    mmio_slots: usize,
+    cmdline: Vec<String>,
+}
+
+impl DeviceManager {
+    /// The PCI root on `pio` (0xCF8) and `mmio` (ECAM), with its windows for a guest of
+    /// `mem_size` bytes on a host with `phys_bits` address bits.
+    pub fn new(
+        vm: Arc<VmFd>,
+        mem: GuestMemory,
+        mem_size: u64,
+        phys_bits: u32,
+        pio: &Bus,
+        mmio: &Arc<Bus>,
+    ) -> Result<Self, DeviceError> {
+        let windows = PciWindows {
+            mmio32: (PCI_MMIO32_START, PCI_MMIO32_SIZE),
+            mmio64: layout::pci_mmio64_window(mem_size, phys_bits),
+        };
+        let root = PciRoot::new(mmio, windows).map_err(|source| DeviceError::Pci {
+            device: "the PCI root",
+            source,
+        })?;
+        let root = Arc::new(Mutex::new(root));
+        pio.insert(
+            Arc::new(Mutex::new(PciConfigIo::new(root.clone()))),
+            0xcf8,
+            8,
+        )
+        .map_err(|source| DeviceError::Bus {
+            what: "the PCI configuration ports",
+            source,
+        })?;
+        mmio.insert(
+            Arc::new(Mutex::new(PciEcam::new(root.clone()))),
+            PCI_ECAM_START,
+            PCI_ECAM_SIZE,
+        )
+        .map_err(|source| DeviceError::Bus {
+            what: "PCI ECAM",
+            source,
+        })?;
+        Ok(DeviceManager {
+            root,
+            host: PciHostConfig {
+                ecam_base: PCI_ECAM_START,
+                bus_last: PCI_BUS_LAST,
+                mmio32: windows.mmio32,
+                mmio64: windows.mmio64,
+            },
+            hooks: Arc::new(KvmHooks::new(vm.clone())),
+            vm,
+            mem,
+            mmio_bus: mmio.clone(),
+            virtio: Vec::new(),
+            mmio_slots: 0,
+            cmdline: Vec::new(),
+        })
+    }
+
+    /// What the ACPI tables say about the host bridge.
+    pub fn pci_host(&self) -> PciHostConfig {
+        self.host
+    }
+
+    /// Words the kernel command line needs (virtio-mmio devices).
+    pub fn cmdline_additions(&self) -> &[String] {
+        &self.cmdline
+    }
+
+    /// The virtio devices, in the order they were attached.
+    pub fn virtio_devices(&self) -> &[VirtioHandle] {
+        &self.virtio
+    }
+
+    /// Plugs `device` into `transport`: a PCI slot with its BAR and MSI-X vectors, or a
+    /// virtio-mmio slot with an IOAPIC line (and a command-line word announcing it).
+    pub fn attach_virtio(
+        &mut self,
+        device: Box<dyn VirtioDevice>,
+        transport: Transport,
+    ) -> Result<VirtioHandle, DeviceError> {
+        let name = device.name();
+        let handle = match transport {
+            Transport::Pci => {
+                let pci = VirtioPci::new(
+                    device,
+                    self.mem.clone(),
+                    self.hooks.clone(),
+                    self.hooks.clone(),
+                )
+                .map_err(|source| DeviceError::Pci {
+                    device: name,
+                    source,
+                })?;
+                let pci = Arc::new(Mutex::new(pci));
+                let slot = lock(&self.root).add_device(pci.clone()).map_err(|source| {
+                    DeviceError::Pci {
+                        device: name,
+                        source,
+                    }
+                })?;
+                log::debug!("{name}: PCI 00:{slot:02x}.0");
+                VirtioHandle::Pci(slot, pci)
+            }
+            Transport::Mmio => {
+                let n = self.mmio_slots;
+                let base = VIRTIO_MMIO_START + n as u64 * VIRTIO_MMIO_SIZE;
+                let gsi = *VIRTIO_MMIO_GSIS.get(n).ok_or(DeviceError::MmioFull(name))?;
+                if (n as u64 + 1) * VIRTIO_MMIO_SIZE > VIRTIO_MMIO_AREA {
+                    return Err(DeviceError::MmioFull(name));
+                }
+                let irq_err = |source| DeviceError::Irq {
+                    device: name,
+                    source,
+                };
+                let irq = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(irq_err)?;
+                self.vm
+                    .register_irqfd(&irq, gsi)
+                    .map_err(|e| irq_err(std::io::Error::from_raw_os_error(e.errno())))?;
+                let dev = VirtioMmio::new(
+                    device,
+                    self.mem.clone(),
+                    base,
+                    IrqLine::new(irq),
+                    self.hooks.clone(),
+                )
+                .map_err(|source| DeviceError::Virtio {
+                    device: name,
+                    source,
+                })?;
+                let dev = Arc::new(Mutex::new(dev));
+                self.mmio_bus
+                    .insert(dev.clone(), base, VIRTIO_MMIO_SIZE)
+                    .map_err(|source| DeviceError::Bus { what: name, source })?;
+                self.mmio_slots += 1;
+                self.cmdline
+                    .push(format!("virtio_mmio.device=4K@{base:#x}:{gsi}"));
+                log::debug!("{name}: virtio-mmio at {base:#x}, GSI {gsi}");
+                VirtioHandle::Mmio(base, dev)
+            }
+        };
+        self.virtio.push(handle.clone());
+        Ok(handle)
+    }
+
+    /// Pauses every device (workers stop, in-flight work finishes).
+    pub fn pause(&self) -> Result<(), VirtioError> {
+        for d in &self.virtio {
+            match d {
+                VirtioHandle::Pci(_, p) => lock(p).pause()?,
+                VirtioHandle::Mmio(_, m) => lock(m).pause()?,
+            }
+        }
+        Ok(())
+    }
+
+    /// Resumes every device.
+    pub fn resume(&self) -> Result<(), VirtioError> {
+        for d in &self.virtio {
+            match d {
+                VirtioHandle::Pci(_, p) => lock(p).resume()?,
+                VirtioHandle::Mmio(_, m) => lock(m).resume()?,
+            }
+        }
+        Ok(())
+    }
+
+    /// Every device's state; they must be paused.
+    pub fn save(&self) -> Result<Vec<VirtioDeviceState>, VirtioError> {
+        self.virtio
+            .iter()
+            .map(|d| {
+                Ok(match d {
+                    VirtioHandle::Pci(slot, p) => VirtioDeviceState::Pci {
+                        slot: *slot,
+                        state: lock(p).state()?,
+                    },
+                    VirtioHandle::Mmio(base, m) => VirtioDeviceState::Mmio {
+                        base: *base,
+                        state: lock(m).state()?,
+                    },
+                })
+            })
+            .collect()
+    }
+
+    /// Restores [`DeviceManager::save`] into the same devices, attached in the same order.
+    pub fn restore(&self, states: Vec<VirtioDeviceState>) -> Result<(), DeviceError> {
+        if states.len() != self.virtio.len() {
+            return Err(DeviceError::State(format!(
+                "{} device states for {} devices",
+                states.len(),
+                self.virtio.len()
+            )));
+        }
+        for (d, s) in self.virtio.iter().zip(states) {
+            let (name, result) = match (d, s) {
+                (VirtioHandle::Pci(slot, p), VirtioDeviceState::Pci { slot: s, state })
+                    if *slot == s =>
+                {
+                    let mut p = lock(p);
+                    (p.core().device().name(), p.restore(state))
+                }
+                (VirtioHandle::Mmio(base, m), VirtioDeviceState::Mmio { base: b, state })
+                    if *base == b =>
+                {
+                    let mut m = lock(m);
+                    (m.core().device().name(), m.restore(state))
+                }
+                _ => return Err(DeviceError::State("devices differ".into())),
+            };
+            result.map_err(|source| DeviceError::Virtio {
+                device: name,
+                source,
+            })?;
+        }
+        lock(&self.root).sync_all_bars();
+        Ok(())
+    }
+
+    /// Stops every device for good (the VM is ending).
+    pub fn shutdown(&self) {
+        for d in &self.virtio {
+            match d {
+                VirtioHandle::Pci(_, p) => lock(p).shutdown(),
+                VirtioHandle::Mmio(_, m) => lock(m).shutdown(),
+            }
+        }
+    }
+}
