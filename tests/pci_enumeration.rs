@@ -67,3 +67,55 @@ fn virtio_device_bars_are_placed_by_kiln_inside_the_windows() {
          caps=0x09,0x09,0x09,0x09,0x09,0x11"
     );
 }
+
+#[test]
+fn several_devices_get_their_own_slots_and_disjoint_bars() {
+    let dir = std::env::temp_dir().join(format!("kiln-pci-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let img = dir.join("disk.img");
+    std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
+    let disk = format!("path={}", img.display());
+    let r = ProbeRun::boot(
+        &[
+            "--rng",
+            "--disk",
+            &disk,
+            "--cmdline",
+            "probe.checks=pci,rng,blk",
+        ],
+        Duration::from_secs(60),
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+    r.assert_clean();
+    assert_eq!(r.field("pci", "functions"), "3");
+    assert_eq!(r.field("pci", "bars"), "2");
+    let pci = info_pci(&r);
+    assert!(pci[1].starts_with("00:01.0 vendor=0x1af4 device=0x1044 "));
+    assert!(pci[1].contains("bars=0:m64:0xc0000000+0x8000 "));
+    assert!(pci[2].starts_with("00:02.0 vendor=0x1af4 device=0x1042 class=0x018000 "));
+    assert!(pci[2].contains("bars=0:m64:0xc0008000+0x8000 "));
+    assert_eq!(r.field("rng", "dev"), "00:01.0");
+    assert_eq!(r.field("blk", "dev"), "00:02.0");
+}
+
+#[test]
+fn a_bar_the_guest_moves_above_4g_is_followed() {
+    let r = ProbeRun::boot(
+        &[
+            "--rng",
+            "--cmdline",
+            "probe.checks=pci,rng probe.pci_high=1",
+        ],
+        Duration::from_secs(60),
+    );
+    r.assert_clean();
+    assert_eq!(r.field("pci", "moved"), "1");
+    let pci = info_pci(&r);
+    assert!(
+        pci[1].contains("bars=0:m64:0x100000000+0x8000 "),
+        "{}",
+        pci[1]
+    );
+    // The device answers at its new place, notifications included.
+    assert_eq!(r.field("rng", "bytes"), "64,64");
+}

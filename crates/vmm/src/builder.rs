@@ -15,6 +15,9 @@ use kiln_arch::regs::{self, EntryPoint};
 use kiln_arch::{cpuid, e820};
 use kiln_devices::legacy::{AcpiPm, Cmos, SerialPort, I8042};
 use kiln_devices::{Bus, IrqLine, SharedExitHandle};
+use kiln_disk::ImageFormat;
+use kiln_virtio::block::{Block, BlockParams};
+use kiln_virtio::net::{Net, NetParams};
 use kiln_virtio::rng::Rng;
 use kvm_bindings::{
     kvm_enable_cap, kvm_pit_config, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
@@ -22,7 +25,7 @@ use kvm_bindings::{
 use kvm_ioctls::{Cap, Kvm, VmFd};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::config::{BootEntry, MemorySize, SerialConfig, Transport, VmConfig};
+use crate::config::{BootEntry, DiskFormat, MemorySize, SerialConfig, Transport, VmConfig};
 use crate::console::{EscapeFilter, FdWriter, RawTerminal};
 use crate::devices::DeviceManager;
 use crate::error::{kvm_err, os_err, VmError};
@@ -50,6 +53,8 @@ impl Vm {
         let mmio = pending_ram_bus(&mem, &deferred, &progress)?;
         let mut devices = attach_pci_root(&vm_fd, &mem, cfg, phys_bits, &legacy.pio, &mmio)?;
         attach_rng(&mut devices, cfg)?;
+        attach_disks(&mut devices, cfg)?;
+        attach_nets(&mut devices, cfg)?;
 
         let entry = load_guest(&mem, cfg, &devices)?;
         log::debug!("entering the kernel through {entry:?}");
@@ -113,11 +118,7 @@ impl Vm {
 
 /// Settings the builder cannot honour yet are errors, never silently ignored.
 fn reject_unimplemented(cfg: &VmConfig) -> Result<(), VmError> {
-    let missing = [
-        (!cfg.disks.is_empty(), "--disk (virtio-blk)"),
-        (!cfg.nets.is_empty(), "--net (virtio-net)"),
-        (cfg.console.is_some(), "--console (virtio-console)"),
-    ];
+    let missing = [(cfg.console.is_some(), "--console (virtio-console)")];
     match missing.iter().find(|(asked, _)| *asked) {
         Some((_, what)) => Err(VmError::Unsupported(what)),
         None => Ok(()),
@@ -329,6 +330,46 @@ fn attach_pci_root(
 fn attach_rng(devices: &mut DeviceManager, cfg: &VmConfig) -> Result<(), VmError> {
     if cfg.rng {
         devices.attach_virtio(Box::new(Rng::new()), Transport::Pci)?;
+    }
+    Ok(())
+}
+
+/// `--disk`: virtio-blk, one device per disk.
+fn attach_disks(devices: &mut DeviceManager, cfg: &VmConfig) -> Result<(), VmError> {
+    for d in &cfg.disks {
+        let params = BlockParams {
+            readonly: d.readonly,
+            serial: d.serial.clone(),
+            direct: d.direct,
+            queues: d.queues,
+            format: d.format.map(|f| match f {
+                DiskFormat::Raw => ImageFormat::Raw,
+                DiskFormat::Qcow2 => ImageFormat::Qcow2,
+            }),
+            ..BlockParams::new(&d.path)
+        };
+        let blk = Block::new(params).map_err(|source| VmError::Disk {
+            path: d.path.clone(),
+            source,
+        })?;
+        devices.attach_virtio(Box::new(blk), d.transport)?;
+    }
+    Ok(())
+}
+
+/// `--net`: virtio-net, one device per tap.
+fn attach_nets(devices: &mut DeviceManager, cfg: &VmConfig) -> Result<(), VmError> {
+    for n in &cfg.nets {
+        let params = NetParams {
+            mac: n.mac.map(|m| m.0),
+            queues: n.queues,
+            ..NetParams::new(n.tap.clone())
+        };
+        let net = Net::new(params).map_err(|source| VmError::Net {
+            tap: n.tap.clone(),
+            source,
+        })?;
+        devices.attach_virtio(Box::new(net), n.transport)?;
     }
     Ok(())
 }

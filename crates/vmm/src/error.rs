@@ -70,6 +70,24 @@ pub enum VmError {
     /// Device wiring.
     #[error("device setup: {0}")]
     Bus(#[from] kiln_devices::BusError),
+    /// A `--disk`.
+    #[error("--disk {}", path.display())]
+    Disk {
+        /// The image.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: kiln_virtio::block::BlockError,
+    },
+    /// A `--net`.
+    #[error("--net tap={tap}")]
+    Net {
+        /// The tap.
+        tap: String,
+        /// Why.
+        #[source]
+        source: kiln_virtio::net::NetError,
+    },
     /// PCI or virtio devices.
     #[error(transparent)]
     Devices(#[from] crate::devices::DeviceError),
