@@ -11,10 +11,9 @@
 use crate::clock::Clock;
 use crate::devopts::{DevOptions, HostileCase};
 use crate::dma::Dma;
-use crate::pci::{Function, Pci};
 use crate::util::Reason;
 use crate::virtio::queue::{Rings, Virtqueue, DESC_F_NEXT, DESC_F_WRITE};
-use crate::virtio::{self, device_type, functions, request, Seg, Transport};
+use crate::virtio::{self, request, transport, Dev, Devs, Seg, Transport};
 use crate::{emit, reason};
 
 /// Queue entries for the attacked queue.
@@ -130,16 +129,14 @@ fn write_chain(q: &mut Virtqueue, segs: &[Seg]) -> u16 {
 /// the outcome if the device already refused during setup.
 #[allow(clippy::too_many_arguments)]
 fn arm(
-    pci: &Pci,
-    f: &Function,
+    f: &Dev,
     tg: &Target,
     case: HostileCase,
     edge: u64,
     dma: &mut Dma,
     clock: &Clock,
 ) -> Result<Result<(Transport, Virtqueue), Outcome>, Reason> {
-    let dev_type = device_type(f).ok_or_else(|| reason!("{} is not a virtio device", f.bdf))?;
-    let mut t = Transport::new(&pci.config, f, dev_type)?;
+    let mut t = transport(f)?;
     t.init(0, clock)?;
     let mut attacked = None;
     for index in 0..tg.queues {
@@ -149,23 +146,23 @@ fn arm(
         }
         let max = t.queue_max(index);
         if max < 2 {
-            return Err(reason!("{}: queue {} has maximum size {}", f.bdf, index, max));
+            return Err(reason!("{}: queue {} has maximum size {}", f.id, index, max));
         }
         let size = QSIZE.min(max);
         let rings = Rings::alloc(dma, size).ok_or_else(|| reason!("out of DMA memory"))?;
-        let notify = t.notify_addr(index)?;
+        let (notify, wide) = t.notify_addr(index)?;
         let q = match case {
             HostileCase::BadSize => {
                 t.program_queue(index, size - 1, rings);
-                Virtqueue::new(index, size - 1, rings, notify, false, None)
+                Virtqueue::new(index, size - 1, rings, notify, false, None).with_wide_notify(wide)
             }
             HostileCase::RingOob => {
                 t.program_queue(index, size, Rings { desc: OOB_RING, ..rings });
-                Virtqueue::new(index, size, rings, notify, false, None)
+                Virtqueue::new(index, size, rings, notify, false, None).with_wide_notify(wide)
             }
             _ => {
                 t.program_queue(index, size, rings);
-                Virtqueue::new(index, size, rings, notify, false, None)
+                Virtqueue::new(index, size, rings, notify, false, None).with_wide_notify(wide)
             }
         };
         attacked = Some(q);
@@ -239,7 +236,7 @@ fn observe(t: &Transport, q: &Virtqueue, tg: &Target, case: HostileCase, clock: 
         if q.used_idx() != 0 {
             let (id, len) = q.raw_used(0);
             if id >= u32::from(q.size) {
-                return Err(reason!("{}: used id {} is past the queue ({} entries)", t.bdf, id, q.size));
+                return Err(reason!("{}: used id {} is past the queue ({} entries)", t.id, id, q.size));
             }
             // What the chain as posted can hold: the corrupted segment's length
             // counts; a loop may be walked up to the queue size.
@@ -253,18 +250,18 @@ fn observe(t: &Transport, q: &Virtqueue, tg: &Target, case: HostileCase, clock: 
             let holds = u64::from(others) + if data.write { u64::from(bad_len) } else { 0 };
             let holds = if case == HostileCase::Loop { holds * u64::from(q.size) } else { holds };
             if u64::from(len) > holds {
-                return Err(reason!("{}: device reports {} bytes written, the request holds {}", t.bdf, len, holds));
+                return Err(reason!("{}: device reports {} bytes written, the request holds {}", t.id, len, holds));
             }
             if case == HostileCase::OobAddr && data.write && len > others {
                 return Err(reason!(
                     "{}: device completed a write of {} bytes to {:#x}, outside RAM",
-                    t.bdf,
+                    t.id,
                     len,
                     OOB_ADDR
                 ));
             }
             if case == HostileCase::HugeLen && data.write && u64::from(len) > u64::from(others) + PAGE {
-                return Err(reason!("{}: device reports {} bytes written from the last RAM page on", t.bdf, len));
+                return Err(reason!("{}: device reports {} bytes written from the last RAM page on", t.id, len));
             }
             // SAFETY: the status byte lies in our DMA buffer; the device completed the request.
             let status = tg.status.map(|a| unsafe { core::ptr::read_volatile(a as *const u8) });
@@ -279,11 +276,11 @@ fn observe(t: &Transport, q: &Virtqueue, tg: &Target, case: HostileCase, clock: 
 }
 
 /// A valid request on a freshly opened device of any supported type.
-pub fn health(pci: &Pci, f: &Function, dma: &mut Dma, clock: &Clock) -> Result<(), Reason> {
-    let t = device_type(f).ok_or_else(|| reason!("{} is not a virtio device", f.bdf))?;
+pub fn health(f: &Dev, dma: &mut Dma, clock: &Clock) -> Result<(), Reason> {
+    let t = f.dev_type;
     let bufs = dma.alloc(1024, 64).ok_or_else(|| reason!("out of DMA memory"))?;
-    let tg = target(t, bufs).ok_or_else(|| reason!("{}: no health check for this device type", f.bdf))?;
-    let mut tr = Transport::new(&pci.config, f, t)?;
+    let tg = target(t, bufs).ok_or_else(|| reason!("{}: no health check for this device type", f.id))?;
+    let mut tr = transport(f)?;
     tr.init(0, clock)?;
     let mut q = None;
     for index in 0..tg.queues {
@@ -299,18 +296,18 @@ pub fn health(pci: &Pci, f: &Function, dma: &mut Dma, clock: &Clock) -> Result<(
         // SAFETY: the status byte lies in our DMA buffer; the request completed.
         let s = unsafe { core::ptr::read_volatile(a as *const u8) };
         if s != 0 {
-            return Err(reason!("{}: valid request failed with status {}", f.bdf, s));
+            return Err(reason!("{}: valid request failed with status {}", f.id, s));
         }
     }
     if t == virtio::TYPE_RNG && len == 0 {
-        return Err(reason!("{}: valid entropy request returned no bytes", f.bdf));
+        return Err(reason!("{}: valid entropy request returned no bytes", f.id));
     }
     tr.reset(clock)
 }
 
 /// `edge` is a free page at the very end of RAM below 4 GiB (for `huge_len`).
-pub fn check(pci: &Pci, o: &DevOptions, edge: Option<u64>, dma: &mut Dma, clock: &Clock) -> bool {
-    let Some(f) = functions(pci, o.hostile_target).next() else {
+pub fn check(devs: &Devs, o: &DevOptions, edge: Option<u64>, dma: &mut Dma, clock: &Clock) -> bool {
+    let Some(f) = devs.of_type(o.hostile_target).next() else {
         emit!("PROBE hostile fail no virtio-{} device to attack", virtio::type_name(o.hostile_target));
         return false;
     };
@@ -329,7 +326,7 @@ pub fn check(pci: &Pci, o: &DevOptions, edge: Option<u64>, dma: &mut Dma, clock:
     let mut counts = [0u32; 4];
     let mut ncases = 0;
     for case in HostileCase::ALL.into_iter().filter(|c| o.hostile_cases & c.bit() != 0) {
-        let outcome = arm(pci, f, &tg, case, edge, dma, clock).and_then(|armed| match armed {
+        let outcome = arm(f, &tg, case, edge, dma, clock).and_then(|armed| match armed {
             Ok((t, q)) => observe(&t, &q, &tg, case, clock),
             Err(outcome) => Ok(outcome),
         });
@@ -340,10 +337,10 @@ pub fn check(pci: &Pci, o: &DevOptions, edge: Option<u64>, dma: &mut Dma, clock:
                 return false;
             }
         };
-        let recovered = health(pci, f, dma, clock);
+        let recovered = health(f, dma, clock);
         emit!(
             "PROBE info hostile dev={} case={} result={} recovered={}",
-            f.bdf,
+            f.id,
             case.name(),
             outcome.name(),
             if recovered.is_ok() { "yes" } else { "no" }
@@ -359,25 +356,20 @@ pub fn check(pci: &Pci, o: &DevOptions, edge: Option<u64>, dma: &mut Dma, clock:
     let other = [virtio::TYPE_RNG, virtio::TYPE_BLOCK, virtio::TYPE_CONSOLE, virtio::TYPE_NET]
         .into_iter()
         .filter(|&t| t != o.hostile_target)
-        .find_map(|t| functions(pci, t).next());
-    let other_result = other.map(|g| (g, health(pci, g, dma, clock)));
+        .find_map(|t| devs.of_type(t).next());
+    let other_result = other.map(|g| (g, health(g, dma, clock)));
     if let Some((g, Err(r))) = &other_result {
-        emit!(
-            "PROBE hostile fail other device {} ({}) no longer works: {}",
-            g.bdf,
-            virtio::type_name(device_type(g).unwrap_or(0)),
-            r
-        );
+        emit!("PROBE hostile fail other device {} ({}) no longer works: {}", g.id, virtio::type_name(g.dev_type), r);
         return false;
     }
     let (other_name, other_bdf) = match &other_result {
-        Some((g, _)) => (virtio::type_name(device_type(g).unwrap_or(0)), Some(g.bdf)),
+        Some((g, _)) => (virtio::type_name(g.dev_type), Some(g.id)),
         None => ("none", None),
     };
     match other_bdf {
         Some(b) => emit!(
             "PROBE hostile ok dev={} target={} cases={} needs_reset={} ignored={} rejected={} completed={} other={}@{}:ok",
-            f.bdf,
+            f.id,
             virtio::type_name(o.hostile_target),
             ncases,
             counts[0],
@@ -389,7 +381,7 @@ pub fn check(pci: &Pci, o: &DevOptions, edge: Option<u64>, dma: &mut Dma, clock:
         ),
         None => emit!(
             "PROBE hostile ok dev={} target={} cases={} needs_reset={} ignored={} rejected={} completed={} other=none",
-            f.bdf,
+            f.id,
             virtio::type_name(o.hostile_target),
             ncases,
             counts[0],

@@ -52,6 +52,14 @@ extern "C" fn probe_main(entry: u64, info: u64) -> ! {
         (true, Err(r)) => Err(r),
     };
     let needs_virtio = opts.needs_virtio();
+    // Virtio devices: PCI functions, then virtio-mmio devices from the command line.
+    let mut devs = virtio::Devs::new();
+    if needs_virtio {
+        if let Ok(p) = &pci {
+            devs.add_pci(p);
+        }
+        virtio::mmio::add_from_cmdline(&mut devs, boot.cmdline.unwrap_or(b""), boot.e820(), &mut reserved);
+    }
     let mut dma = if needs_virtio { Dma::new(boot.e820(), &mut reserved, opts.dev.dma_bytes()) } else { None };
     // The hostile check's huge buffer starts in the last RAM page below 4 GiB.
     let edge =
@@ -74,13 +82,9 @@ extern "C" fn probe_main(entry: u64, info: u64) -> ! {
             Check::Cpu => cpu::check(opts.cpu_iters, tsc),
             Check::Rtc => rtc::check(),
             Check::Pci => pci::check(pci.as_ref(), boot.e820(), &acpi),
-            dev => match (&pci, dma.as_mut()) {
-                (Ok(pci), Some(dma)) => virtio_check(dev, pci, dma, &clock, &opts.dev, edge),
-                (Err(r), _) => {
-                    emit!("PROBE {} fail no PCI: {}", dev.name(), r);
-                    false
-                }
-                (_, None) => {
+            dev => match dma.as_mut() {
+                Some(dma) => virtio_check(dev, &devs, dma, &clock, &opts.dev, edge),
+                None => {
                     emit!("PROBE {} fail no RAM below 4 GiB for virtqueues", dev.name());
                     false
                 }
@@ -121,18 +125,18 @@ extern "C" fn probe_main(entry: u64, info: u64) -> ! {
 /// Runs one of the virtio device checks.
 fn virtio_check(
     check: Check,
-    pci: &pci::Pci,
+    devs: &virtio::Devs,
     dma: &mut Dma,
     clock: &Clock,
     dev: &probe::devopts::DevOptions,
     edge: Option<u64>,
 ) -> bool {
     match check {
-        Check::Rng => virtio::rng::check(pci, dev.qsize, dma, clock),
-        Check::Blk => virtio::blk::check(pci, dev, dma, clock),
-        Check::Net => virtio::net::check(pci, dev, dma, clock),
-        Check::Console => virtio::console::check(pci, dev.console_wait_ms, dev.qsize, dma, clock),
-        Check::Hostile => probe::hostile::check(pci, dev, edge, dma, clock),
+        Check::Rng => virtio::rng::check(devs, dev.qsize, dma, clock),
+        Check::Blk => virtio::blk::check(devs, dev, dma, clock),
+        Check::Net => virtio::net::check(devs, dev, dma, clock),
+        Check::Console => virtio::console::check(devs, dev.console_wait_ms, dev.qsize, dma, clock),
+        Check::Hostile => probe::hostile::check(devs, dev, edge, dma, clock),
         // The other checks are not virtio checks (the caller never passes them).
         _ => false,
     }

@@ -13,11 +13,10 @@ use core::fmt::Write as _;
 use crate::clock::Clock;
 use crate::devopts::{BlkBench, DevOptions, Region};
 use crate::dma::Dma;
-use crate::pci::{Function, Pci};
 use crate::util::{Printable, Reason, StrBuf};
 use crate::{emit, reason};
 
-use super::{functions, open, request, Device, Seg, F_EVENT_IDX, F_INDIRECT_DESC, TYPE_BLOCK};
+use super::{open, request, Dev, DevId, Device, Devs, Seg, F_EVENT_IDX, F_INDIRECT_DESC, TYPE_BLOCK};
 
 pub const T_IN: u32 = 0;
 pub const T_OUT: u32 = 1;
@@ -73,7 +72,7 @@ pub fn mismatch(buf: &[u8], at: u64, seed: u64, word: fn(u64, u64) -> u64) -> Op
 /// One open disk: the device, a request header/status area and a data buffer.
 pub struct Disk {
     pub d: Device<1>,
-    pub bdf: crate::pci::Bdf,
+    pub id: DevId,
     /// 16-byte header at +0, status byte at +16, discard segment at +32.
     req: u64,
     buf: u64,
@@ -85,15 +84,15 @@ pub struct Disk {
 }
 
 impl Disk {
-    pub fn open(pci: &Pci, f: &Function, qsize: u16, dma: &mut Dma, clock: &Clock) -> Result<Disk, Reason> {
-        let d = open::<1>(pci, f, WANTED, qsize, dma, clock)?;
+    pub fn open(f: &Dev, qsize: u16, dma: &mut Dma, clock: &Clock) -> Result<Disk, Reason> {
+        let d = open::<1>(f, WANTED, qsize, dma, clock)?;
         let req = dma.alloc(64, 64).ok_or_else(|| reason!("out of DMA memory"))?;
         let buf = dma.alloc(u64::from(CHUNK), 4096).ok_or_else(|| reason!("out of DMA memory"))?;
         let capacity = d.t.config(0, 8).saturating_mul(SECTOR);
         let size_max =
             if d.t.features & F_SIZE_MAX != 0 { u32::try_from(d.t.config(8, 4)).unwrap_or(u32::MAX) } else { u32::MAX };
         let chunk = CHUNK.min(size_max / 512 * 512).max(512);
-        Ok(Disk { d, bdf: f.bdf, req, buf, chunk, capacity, size_max })
+        Ok(Disk { d, id: f.id, req, buf, chunk, capacity, size_max })
     }
 
     pub fn features(&self) -> u64 {
@@ -133,10 +132,10 @@ impl Disk {
         };
         let s = self.status();
         if ![S_OK, S_IOERR, S_UNSUPP].contains(&s) {
-            return Err(reason!("{}: request type {} returned status {:#x}", self.bdf, t, s));
+            return Err(reason!("{}: request type {} returned status {:#x}", self.id, t, s));
         }
         if written == 0 {
-            return Err(reason!("{}: request type {} completed with 0 bytes written (no status)", self.bdf, t));
+            return Err(reason!("{}: request type {} completed with 0 bytes written (no status)", self.id, t));
         }
         Ok((s, written))
     }
@@ -147,14 +146,14 @@ impl Disk {
         let data = if write { Seg::out(self.buf, len) } else { Seg::inp(self.buf, len) };
         let (s, written) = self.run(if write { T_OUT } else { T_IN }, at / SECTOR, Some(data), clock)?;
         if !write && s == S_OK && written < len + 1 {
-            return Err(reason!("{}: read of {} bytes reports only {} written", self.bdf, len, written));
+            return Err(reason!("{}: read of {} bytes reports only {} written", self.id, len, written));
         }
         Ok(s)
     }
 
     fn expect_ok(&mut self, what: &str, s: u8) -> Result<(), Reason> {
         if s != S_OK {
-            return Err(reason!("{}: {} failed with status {}", self.bdf, what, s));
+            return Err(reason!("{}: {} failed with status {}", self.id, what, s));
         }
         Ok(())
     }
@@ -198,7 +197,7 @@ impl Disk {
             let s = self.io(false, at, len, clock)?;
             self.expect_ok("read", s)?;
             if let Some((o, got, want)) = mismatch(self.buf(len), at, seed, word) {
-                return Err(reason!("{}: byte {:#x} reads {:#x}, want {:#x}", self.bdf, o, got, want));
+                return Err(reason!("{}: byte {:#x} reads {:#x}, want {:#x}", self.id, o, got, want));
             }
             at += u64::from(len);
         }
@@ -248,7 +247,7 @@ fn exercise(disk: &mut Disk, o: &DevOptions, clock: &Clock) -> Result<(), Reason
     let ro = feats & F_RO != 0;
     let serial = disk.serial(clock)?;
     if disk.capacity < SECTOR {
-        return Err(reason!("{}: capacity {} bytes", disk.bdf, disk.capacity));
+        return Err(reason!("{}: capacity {} bytes", disk.id, disk.capacity));
     }
     let blk_size = if feats & F_BLK_SIZE != 0 { disk.d.t.config(20, 4) } else { 512 };
     let capacity = disk.capacity;
@@ -256,7 +255,7 @@ fn exercise(disk: &mut Disk, o: &DevOptions, clock: &Clock) -> Result<(), Reason
 
     // Reads: the host's pattern, or at least the first sector.
     let read = match o.blk_read {
-        Some(r) if !in_disk(r) => return Err(reason!("{}: probe.blk_read is past the end", disk.bdf)),
+        Some(r) if !in_disk(r) => return Err(reason!("{}: probe.blk_read is past the end", disk.id)),
         Some(r) => {
             disk.verify(r, o.blk_seed, host_word, clock)?;
             r.len
@@ -272,7 +271,7 @@ fn exercise(disk: &mut Disk, o: &DevOptions, clock: &Clock) -> Result<(), Reason
     let cap = disk.capacity;
     for (at, len) in [(cap, 512u32), (cap - SECTOR, 1024)] {
         if disk.io(false, at, len, clock)? == S_OK {
-            return Err(reason!("{}: a read of {} bytes at {:#x} (capacity {:#x}) succeeded", disk.bdf, len, at, cap));
+            return Err(reason!("{}: a read of {} bytes at {:#x} (capacity {:#x}) succeeded", disk.id, len, at, cap));
         }
     }
 
@@ -286,17 +285,17 @@ fn exercise(disk: &mut Disk, o: &DevOptions, clock: &Clock) -> Result<(), Reason
         disk.buf(512).fill(0x5a);
         let s = disk.io(true, 0, 512, clock)?;
         if s == S_OK {
-            return Err(reason!("{}: a write to the read-only disk succeeded", disk.bdf));
+            return Err(reason!("{}: a write to the read-only disk succeeded", disk.id));
         }
         let _ = write!(line, "write=refused:{}", if s == S_IOERR { "ioerr" } else { "unsupp" });
         let s = disk.io(false, 0, 512, clock)?;
         disk.expect_ok("read of sector 0", s)?;
         if disk.buf(512)[..] != before[..] {
-            return Err(reason!("{}: the refused write changed sector 0", disk.bdf));
+            return Err(reason!("{}: the refused write changed sector 0", disk.id));
         }
     } else if let Some(r) = o.blk_write {
         if !in_disk(r) {
-            return Err(reason!("{}: probe.blk_write is past the end", disk.bdf));
+            return Err(reason!("{}: probe.blk_write is past the end", disk.id));
         }
         disk.write_pattern(r, o.blk_seed, clock)?;
         disk.verify(r, o.blk_seed, probe_word, clock)?;
@@ -333,7 +332,7 @@ fn exercise(disk: &mut Disk, o: &DevOptions, clock: &Clock) -> Result<(), Reason
     match serial {
         Some(s) => emit!(
             "PROBE blk ok dev={} capacity={} serial={} ro={} blk_size={} features={} read={} {} oob=refused",
-            disk.bdf,
+            disk.id,
             disk.capacity,
             s,
             u8::from(ro),
@@ -344,7 +343,7 @@ fn exercise(disk: &mut Disk, o: &DevOptions, clock: &Clock) -> Result<(), Reason
         ),
         None => emit!(
             "PROBE blk ok dev={} capacity={} serial=unsupported ro={} blk_size={} features={} read={} {} oob=refused",
-            disk.bdf,
+            disk.id,
             disk.capacity,
             u8::from(ro),
             blk_size,
@@ -356,13 +355,13 @@ fn exercise(disk: &mut Disk, o: &DevOptions, clock: &Clock) -> Result<(), Reason
     Ok(())
 }
 
-pub fn check(pci: &Pci, o: &DevOptions, dma: &mut Dma, clock: &Clock) -> bool {
+pub fn check(devs: &Devs, o: &DevOptions, dma: &mut Dma, clock: &Clock) -> bool {
     let mut any = false;
     let mut ok = true;
     let mut bench_done = false;
-    for f in functions(pci, TYPE_BLOCK) {
+    for f in devs.of_type(TYPE_BLOCK) {
         any = true;
-        let mut disk = match Disk::open(pci, f, o.qsize, dma, clock) {
+        let mut disk = match Disk::open(f, o.qsize, dma, clock) {
             Ok(d) => d,
             Err(r) => {
                 emit!("PROBE blk fail {}", r);

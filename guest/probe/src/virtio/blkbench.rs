@@ -49,7 +49,7 @@ fn bench(disk: &mut Disk, b: &BlkBench, dma: &mut Dma, clock: &Clock) -> Result<
         ));
     }
     let blocks = span / bs;
-    let bdf = disk.bdf;
+    let id = disk.id;
     let (t, q) = (&disk.d.t, &mut disk.d.queues[0]);
     let qd = b.qd.min(q.size / q.slots_for(3)).max(1);
     let hdrs = dma.alloc(u64::from(qd) * 32, 64).ok_or_else(|| reason!("out of DMA memory for headers"))?;
@@ -100,7 +100,7 @@ fn bench(disk: &mut Disk, b: &BlkBench, dma: &mut Dma, clock: &Clock) -> Result<
             // used entry that we just read (poll has acquire ordering).
             let status = unsafe { core::ptr::read_volatile((hdrs + u64::from(k) * 32 + 16) as *const u8) };
             if status != S_OK {
-                return Err(reason!("{}: request failed with status {:#x}", bdf, status));
+                return Err(reason!("{}: request failed with status {:#x}", id, status));
             }
             ios += 1;
             inflight -= 1;
@@ -126,7 +126,7 @@ fn bench(disk: &mut Disk, b: &BlkBench, dma: &mut Dma, clock: &Clock) -> Result<
             if clock.ns(clock.now().wrapping_sub(last)) > HANG_MS * 1_000_000 || (!clock.calibrated && idle > 1 << 30) {
                 return Err(reason!(
                     "{}: {} requests stuck for {} ms (status {:#x})",
-                    bdf,
+                    id,
                     inflight,
                     HANG_MS,
                     t.status()
@@ -146,7 +146,7 @@ pub fn run(disk: &mut Disk, b: &BlkBench, dma: &mut Dma, clock: &Clock) -> bool 
             let bytes = s.ios * u64::from(b.bs);
             emit!(
                 "PROBE blk_bench ok dev={} mode={} bs={} qd={} ms={} ios={} iops={} mbps={} kicks={}",
-                disk.bdf,
+                disk.id,
                 b.mode.name(),
                 b.bs,
                 s.qd,

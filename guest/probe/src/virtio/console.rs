@@ -4,12 +4,11 @@
 
 use crate::clock::Clock;
 use crate::dma::Dma;
-use crate::pci::Pci;
 use crate::util::{Printable, Reason};
 use crate::{emit, reason};
 
 use super::queue::MAX_QSIZE;
-use super::{functions, open, request, Seg, TYPE_CONSOLE};
+use super::{open, request, Dev, Devs, Seg, TYPE_CONSOLE};
 
 /// What the probe writes first.
 pub const HELLO: &[u8] = b"kiln-probe console hello\n";
@@ -25,15 +24,8 @@ fn copy_to(dst: u64, src: &[u8]) {
     unsafe { core::ptr::copy_nonoverlapping(src.as_ptr(), dst as *mut u8, src.len()) };
 }
 
-pub fn run(
-    pci: &Pci,
-    f: &crate::pci::Function,
-    wait_ms: u64,
-    qsize: u16,
-    dma: &mut Dma,
-    clock: &Clock,
-) -> Result<(), Reason> {
-    let mut d = open::<2>(pci, f, 0, qsize, dma, clock)?;
+pub fn run(f: &Dev, wait_ms: u64, qsize: u16, dma: &mut Dma, clock: &Clock) -> Result<(), Reason> {
+    let mut d = open::<2>(f, 0, qsize, dma, clock)?;
     let rx = dma.alloc(u64::from(RX_BUFS) * u64::from(RX_LEN), 64).ok_or_else(|| reason!("out of DMA memory"))?;
     let tx = dma.alloc(512, 64).ok_or_else(|| reason!("out of DMA memory"))?;
     let mut slot = [0u16; MAX_QSIZE as usize];
@@ -57,7 +49,7 @@ pub fn run(
                 continue;
             };
             if got > RX_LEN {
-                return Err(reason!("{}: receive completion of {} bytes in a {} byte buffer", f.bdf, got, RX_LEN));
+                return Err(reason!("{}: receive completion of {} bytes in a {} byte buffer", f.id, got, RX_LEN));
             }
             let k = slot[usize::from(head)];
             let addr = rx + u64::from(k) * u64::from(RX_LEN);
@@ -86,21 +78,21 @@ pub fn run(
         out[n - 1] = b'\n';
         copy_to(tx, &out[..n]);
         request(&d.t, &mut d.queues[1], &[Seg::out(tx, n as u32)], clock, 2000)?;
-        emit!("PROBE console ok dev={} wrote={} read={}", f.bdf, HELLO.len(), Printable(&line[..len]));
+        emit!("PROBE console ok dev={} wrote={} read={}", f.id, HELLO.len(), Printable(&line[..len]));
     } else if wait_ms > 0 {
-        emit!("PROBE console ok dev={} wrote={} read=none", f.bdf, HELLO.len());
+        emit!("PROBE console ok dev={} wrote={} read=none", f.id, HELLO.len());
     } else {
-        emit!("PROBE console ok dev={} wrote={} read=skipped", f.bdf, HELLO.len());
+        emit!("PROBE console ok dev={} wrote={} read=skipped", f.id, HELLO.len());
     }
     d.t.reset(clock)
 }
 
-pub fn check(pci: &Pci, wait_ms: u64, qsize: u16, dma: &mut Dma, clock: &Clock) -> bool {
-    let Some(f) = functions(pci, TYPE_CONSOLE).next() else {
+pub fn check(devs: &Devs, wait_ms: u64, qsize: u16, dma: &mut Dma, clock: &Clock) -> bool {
+    let Some(f) = devs.of_type(TYPE_CONSOLE).next() else {
         emit!("PROBE console fail no virtio-console device");
         return false;
     };
-    match run(pci, f, wait_ms, qsize, dma, clock) {
+    match run(f, wait_ms, qsize, dma, clock) {
         Ok(()) => true,
         Err(r) => {
             emit!("PROBE console fail {}", r);

@@ -4,19 +4,23 @@
 pub mod blk;
 pub mod blkbench;
 pub mod console;
+pub mod mmio;
 pub mod net;
 pub mod pci;
 pub mod queue;
 pub mod rng;
+pub mod transport;
+
+use core::fmt;
 
 use crate::clock::Clock;
 use crate::dma::Dma;
-use crate::pci::{Function, Pci};
+use crate::pci::{Bdf, Function, Pci};
 use crate::reason;
 use crate::util::Reason;
 
-pub use pci::Transport;
 pub use queue::{Seg, Virtqueue};
+pub use transport::{Regs, Transport};
 
 pub const TYPE_NET: u16 = 1;
 pub const TYPE_BLOCK: u16 = 2;
@@ -58,9 +62,75 @@ pub fn device_type(f: &Function) -> Option<u16> {
     }
 }
 
-/// Functions of virtio device type `t`, in bus order.
-pub fn functions(pci: &Pci, t: u16) -> impl Iterator<Item = &Function> {
-    pci.functions().iter().filter(move |f| device_type(f) == Some(t))
+/// Which device: a PCI function or a virtio-mmio register block.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DevId {
+    Pci(Bdf),
+    Mmio(u64),
+}
+
+impl fmt::Display for DevId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DevId::Pci(bdf) => write!(f, "{bdf}"),
+            DevId::Mmio(base) => write!(f, "mmio@{base:#x}"),
+        }
+    }
+}
+
+/// A virtio device found on PCI or announced for virtio-mmio.
+#[derive(Clone, Copy, Debug)]
+pub struct Dev {
+    pub id: DevId,
+    pub dev_type: u16,
+    /// Its registers, or why they are unusable (reported when it is opened).
+    pub regs: Result<Regs, Reason>,
+}
+
+pub const MAX_DEVS: usize = 32;
+
+/// Every virtio device: PCI functions in bus order, then virtio-mmio devices
+/// in command-line order.
+pub struct Devs {
+    list: [Option<Dev>; MAX_DEVS],
+    n: usize,
+}
+
+impl Devs {
+    pub fn new() -> Devs {
+        Devs { list: [None; MAX_DEVS], n: 0 }
+    }
+
+    pub fn push(&mut self, d: Dev) {
+        if self.n < MAX_DEVS {
+            self.list[self.n] = Some(d);
+            self.n += 1;
+        }
+    }
+
+    pub fn all(&self) -> impl Iterator<Item = &Dev> {
+        self.list[..self.n].iter().flatten()
+    }
+
+    /// Devices of type `t`.
+    pub fn of_type(&self, t: u16) -> impl Iterator<Item = &Dev> {
+        self.all().filter(move |d| d.dev_type == t)
+    }
+
+    /// Adds every virtio function of `pci` (locating its structures).
+    pub fn add_pci(&mut self, pci: &Pci) {
+        for f in pci.functions() {
+            if let Some(t) = device_type(f) {
+                self.push(Dev { id: DevId::Pci(f.bdf), dev_type: t, regs: pci::regs(&pci.config, f) });
+            }
+        }
+    }
+}
+
+impl Default for Devs {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 /// A device after the handshake, with its queues set up and DRIVER_OK.
@@ -69,18 +139,21 @@ pub struct Device<const Q: usize> {
     pub queues: [Virtqueue; Q],
 }
 
-/// Initialises `f`: features (`wanted` & offered), queues 0..Q of at most
+/// The transport of `dev`, not yet initialised.
+pub fn transport(dev: &Dev) -> Result<Transport, Reason> {
+    Ok(Transport::new(dev.id, dev.dev_type, dev.regs?))
+}
+
+/// Initialises `dev`: features (`wanted` & offered), queues 0..Q of at most
 /// `qsize` entries, DRIVER_OK.
 pub fn open<const Q: usize>(
-    pci: &Pci,
-    f: &Function,
+    dev: &Dev,
     wanted: u64,
     qsize: u16,
     dma: &mut Dma,
     clock: &Clock,
 ) -> Result<Device<Q>, Reason> {
-    let dev_type = device_type(f).ok_or_else(|| reason!("{} is not a virtio device", f.bdf))?;
-    let mut t = Transport::new(&pci.config, f, dev_type)?;
+    let mut t = transport(dev)?;
     t.init(wanted, clock)?;
     let mut err = None;
     let queues = core::array::from_fn(|i| {
@@ -114,10 +187,10 @@ pub fn wait(t: &Transport, q: &mut Virtqueue, clock: &Clock, ms: u64) -> Result<
         // Reading the status is an exit: only now and then.
         if spins.is_multiple_of(4096) {
             if t.needs_reset() {
-                return Err(reason!("{}: device set NEEDS_RESET (status {:#x})", t.bdf, t.status()));
+                return Err(reason!("{}: device set NEEDS_RESET (status {:#x})", t.id, t.status()));
             }
             if d.expired() {
-                return Err(reason!("{}: queue {} gave no completion within {} ms", t.bdf, q.index, ms));
+                return Err(reason!("{}: queue {} gave no completion within {} ms", t.id, q.index, ms));
             }
         }
         core::hint::spin_loop();
@@ -127,11 +200,11 @@ pub fn wait(t: &Transport, q: &mut Virtqueue, clock: &Clock, ms: u64) -> Result<
 /// Posts one request on `q`, notifies, and waits for it (`ms` timeout).
 /// Returns the bytes the device reports written.
 pub fn request(t: &Transport, q: &mut Virtqueue, segs: &[Seg], clock: &Clock, ms: u64) -> Result<u32, Reason> {
-    let head = q.add(segs).ok_or_else(|| reason!("{}: queue {} full", t.bdf, q.index))?;
+    let head = q.add(segs).ok_or_else(|| reason!("{}: queue {} full", t.id, q.index))?;
     q.kick();
     let (id, len) = wait(t, q, clock, ms)?;
     if id != head {
-        return Err(reason!("{}: completion for {} while only {} was posted", t.bdf, id, head));
+        return Err(reason!("{}: completion for {} while only {} was posted", t.id, id, head));
     }
     Ok(len)
 }

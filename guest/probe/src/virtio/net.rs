@@ -8,12 +8,11 @@ use crate::clock::{Clock, Deadline};
 use crate::devopts::{DevOptions, NetBench, NetMode};
 use crate::dma::Dma;
 use crate::netpkt::{self, Kind, BROADCAST};
-use crate::pci::{Bdf, Pci};
 use crate::util::Reason;
 use crate::{emit, reason};
 
 use super::queue::MAX_QSIZE;
-use super::{functions, open, Device, Seg, F_EVENT_IDX, TYPE_NET};
+use super::{open, Dev, DevId, Device, Devs, Seg, F_EVENT_IDX, TYPE_NET};
 
 const F_MAC: u64 = 1 << 5;
 /// virtio_net_hdr_v1 (VERSION_1 always includes num_buffers).
@@ -36,7 +35,7 @@ struct Counters {
 
 struct Nic {
     d: Device<2>,
-    bdf: Bdf,
+    id: DevId,
     mac: [u8; 6],
     ip: [u8; 4],
     rx_bufs: u64,
@@ -57,8 +56,8 @@ fn buf<'a>(base: u64, k: u16, len: u64) -> &'a mut [u8] {
 }
 
 impl Nic {
-    fn open(pci: &Pci, f: &crate::pci::Function, o: &DevOptions, dma: &mut Dma, clock: &Clock) -> Result<Nic, Reason> {
-        let d = open::<2>(pci, f, F_MAC | F_EVENT_IDX, o.qsize, dma, clock)?;
+    fn open(f: &Dev, o: &DevOptions, dma: &mut Dma, clock: &Clock) -> Result<Nic, Reason> {
+        let d = open::<2>(f, F_MAC | F_EVENT_IDX, o.qsize, dma, clock)?;
         let mut mac = DEFAULT_MAC;
         if d.t.features & F_MAC != 0 {
             for (i, b) in mac.iter_mut().enumerate() {
@@ -70,7 +69,7 @@ impl Nic {
         let tx_bufs = dma.alloc(u64::from(txn) * BUF, 4096).ok_or_else(|| reason!("out of DMA memory"))?;
         let mut nic = Nic {
             d,
-            bdf: f.bdf,
+            id: f.id,
             mac,
             ip: o.net_ip.unwrap_or(DEFAULT_IP),
             rx_bufs,
@@ -147,7 +146,7 @@ impl Nic {
         while let Some((head, len)) = self.d.queues[0].poll()? {
             let k = self.rx_slot[usize::from(head)];
             if u64::from(len) < HDR || u64::from(len) > BUF {
-                return Err(reason!("{}: rx completion of {} bytes (header {}, buffer {})", self.bdf, len, HDR, BUF));
+                return Err(reason!("{}: rx completion of {} bytes (header {}, buffer {})", self.id, len, HDR, BUF));
             }
             let now = clock.now();
             if self.c.rx == 0 {
@@ -196,7 +195,7 @@ impl Nic {
                     return Ok(());
                 }
                 if self.d.t.needs_reset() {
-                    return Err(reason!("{}: device set NEEDS_RESET", self.bdf));
+                    return Err(reason!("{}: device set NEEDS_RESET", self.id));
                 }
             }
             core::hint::spin_loop();
@@ -212,7 +211,7 @@ impl Nic {
             if d.expired() {
                 return Err(reason!(
                     "{}: {} frames not transmitted after {} ms",
-                    self.bdf,
+                    self.id,
                     self.d.queues[1].in_flight(),
                     ms
                 ));
@@ -252,11 +251,11 @@ fn functional(nic: &mut Nic, o: &DevOptions, clock: &Clock) -> Result<(), Reason
     let elapsed = clock.ns(clock.now().wrapping_sub(t0)) / 1_000_000;
     nic.drain_tx(clock, 2000)?;
     if nic.c.echo < min_echo {
-        return Err(reason!("{}: answered {} echo requests in {} ms, want {}", nic.bdf, nic.c.echo, elapsed, min_echo));
+        return Err(reason!("{}: answered {} echo requests in {} ms, want {}", nic.id, nic.c.echo, elapsed, min_echo));
     }
     emit!(
         "PROBE net ok dev={} mac={} ip={} ms={} rx={} tx={} arp={} echo={}",
-        nic.bdf,
+        nic.id,
         Mac(mac),
         Ip(ip),
         elapsed,
@@ -284,7 +283,7 @@ fn resolve(nic: &mut Nic, ip: [u8; 4], clock: &Clock) -> Result<[u8; 6], Reason>
             return Ok(m);
         }
     }
-    Err(reason!("{}: no ARP reply from {} in 3 s", nic.bdf, Ip(ip)))
+    Err(reason!("{}: no ARP reply from {} in 3 s", nic.id, Ip(ip)))
 }
 
 fn bench(nic: &mut Nic, b: &NetBench, o: &DevOptions, clock: &Clock) -> Result<(), Reason> {
@@ -296,12 +295,12 @@ fn bench(nic: &mut Nic, b: &NetBench, o: &DevOptions, clock: &Clock) -> Result<(
             let c = core::mem::replace(&mut nic.c, before);
             let (frames, bytes) = (c.rx, c.rx_bytes);
             if frames == 0 {
-                return Err(reason!("{}: no frames arrived in {} ms", nic.bdf, b.ms));
+                return Err(reason!("{}: no frames arrived in {} ms", nic.id, b.ms));
             }
             let ticks = c.last_rx.wrapping_sub(c.first_rx);
             emit!(
                 "PROBE net_bench ok dev={} mode=sink ms={} frames={} bytes={} fps={} mbps={}",
-                nic.bdf,
+                nic.id,
                 clock.ns(ticks) / 1_000_000,
                 frames,
                 bytes,
@@ -344,7 +343,7 @@ fn bench(nic: &mut Nic, b: &NetBench, o: &DevOptions, clock: &Clock) -> Result<(
             let frames = nic.c.tx - tx0;
             emit!(
                 "PROBE net_bench ok dev={} mode=source ms={} frames={} bytes={} fps={} mbps={} dst={} dst_mac={}",
-                nic.bdf,
+                nic.id,
                 clock.ns(ticks) / 1_000_000,
                 frames,
                 frames * size as u64,
@@ -358,12 +357,12 @@ fn bench(nic: &mut Nic, b: &NetBench, o: &DevOptions, clock: &Clock) -> Result<(
     Ok(())
 }
 
-pub fn check(pci: &Pci, o: &DevOptions, dma: &mut Dma, clock: &Clock) -> bool {
-    let Some(f) = functions(pci, TYPE_NET).next() else {
+pub fn check(devs: &Devs, o: &DevOptions, dma: &mut Dma, clock: &Clock) -> bool {
+    let Some(f) = devs.of_type(TYPE_NET).next() else {
         emit!("PROBE net fail no virtio-net device");
         return false;
     };
-    let mut nic = match Nic::open(pci, f, o, dma, clock) {
+    let mut nic = match Nic::open(f, o, dma, clock) {
         Ok(n) => n,
         Err(r) => {
             emit!("PROBE net fail {}", r);

@@ -10,7 +10,7 @@
 use core::sync::atomic::{fence, Ordering};
 
 use crate::dma::Dma;
-use crate::io::mmio_write16;
+use crate::io::{mmio_write16, mmio_write32};
 use crate::reason;
 use crate::util::Reason;
 
@@ -77,6 +77,8 @@ pub struct Virtqueue {
     inflight: [u64; MAX_QSIZE as usize / 64],
     /// Per-head indirect tables of [`INDIRECT_MAX`] descriptors.
     indirect: Option<u64>,
+    /// The notify register takes 32-bit writes (virtio-mmio), not 16-bit.
+    wide: bool,
     /// Notifications written.
     pub kicks: u64,
 }
@@ -137,8 +139,15 @@ impl Virtqueue {
             last_used: 0,
             inflight: [0; MAX_QSIZE as usize / 64],
             indirect,
+            wide: false,
             kicks: 0,
         }
+    }
+
+    /// Notifies with 32-bit writes (virtio-mmio's QueueNotify).
+    pub fn with_wide_notify(mut self, wide: bool) -> Self {
+        self.wide = wide;
+        self
     }
 
     pub fn rings(&self) -> Rings {
@@ -251,8 +260,15 @@ impl Virtqueue {
     /// Writes the notification register regardless of suppression.
     pub fn notify_now(&mut self) {
         // SAFETY: the notify address lies in the device's notify structure
-        // (checked inside its memory BAR when the transport was set up).
-        unsafe { mmio_write16(self.notify, self.index) };
+        // (checked inside its memory BAR when the transport was set up) or is
+        // virtio-mmio's QueueNotify register.
+        unsafe {
+            if self.wide {
+                mmio_write32(self.notify, u32::from(self.index));
+            } else {
+                mmio_write16(self.notify, self.index);
+            }
+        }
         self.kicks += 1;
     }
 

@@ -3,30 +3,23 @@
 
 use crate::clock::Clock;
 use crate::dma::Dma;
-use crate::pci::Pci;
 use crate::util::Reason;
 use crate::{emit, reason};
 
-use super::{functions, open, request, Seg, TYPE_RNG};
+use super::{open, request, Dev, Devs, Seg, TYPE_RNG};
 
 const READ: u32 = 64;
 
 /// Reads up to `READ` bytes twice; returns how many each read gave.
-pub fn exercise(
-    pci: &Pci,
-    f: &crate::pci::Function,
-    qsize: u16,
-    dma: &mut Dma,
-    clock: &Clock,
-) -> Result<(u32, u32), Reason> {
-    let mut d = open::<1>(pci, f, 0, qsize, dma, clock)?;
+pub fn exercise(f: &Dev, qsize: u16, dma: &mut Dma, clock: &Clock) -> Result<(u32, u32), Reason> {
+    let mut d = open::<1>(f, 0, qsize, dma, clock)?;
     let bufs = dma.alloc(2 * u64::from(READ), 64).ok_or_else(|| reason!("out of DMA memory"))?;
     let mut got = [0u32; 2];
     for (i, g) in got.iter_mut().enumerate() {
         let buf = bufs + i as u64 * u64::from(READ);
         *g = request(&d.t, &mut d.queues[0], &[Seg::inp(buf, READ)], clock, 2000)?;
         if *g == 0 || *g > READ {
-            return Err(reason!("{}: read {} returned {} bytes (asked {})", f.bdf, i, g, READ));
+            return Err(reason!("{}: read {} returned {} bytes (asked {})", f.id, i, g, READ));
         }
     }
     // SAFETY: both buffers are in the DMA arena and the device is done with them.
@@ -38,22 +31,22 @@ pub fn exercise(
     };
     let n = a.len().min(b.len());
     if a[..n] == b[..n] {
-        return Err(reason!("{}: two reads returned the same {} bytes", f.bdf, n));
+        return Err(reason!("{}: two reads returned the same {} bytes", f.id, n));
     }
     if a.iter().chain(b).all(|&x| x == 0) {
-        return Err(reason!("{}: reads returned only zeros", f.bdf));
+        return Err(reason!("{}: reads returned only zeros", f.id));
     }
     d.t.reset(clock)?;
     Ok((got[0], got[1]))
 }
 
-pub fn check(pci: &Pci, qsize: u16, dma: &mut Dma, clock: &Clock) -> bool {
+pub fn check(devs: &Devs, qsize: u16, dma: &mut Dma, clock: &Clock) -> bool {
     let mut any = false;
     let mut ok = true;
-    for f in functions(pci, TYPE_RNG) {
+    for f in devs.of_type(TYPE_RNG) {
         any = true;
-        match exercise(pci, f, qsize, dma, clock) {
-            Ok((a, b)) => emit!("PROBE rng ok dev={} bytes={},{}", f.bdf, a, b),
+        match exercise(f, qsize, dma, clock) {
+            Ok((a, b)) => emit!("PROBE rng ok dev={} bytes={},{}", f.id, a, b),
             Err(r) => {
                 emit!("PROBE rng fail {}", r);
                 ok = false;
