@@ -68,3 +68,56 @@ fn without_rng_there_is_no_virtio_device() {
         r.line("rng")
     );
 }
+
+/// Pauses, saves, restores and resumes the VM over and over while the guest drives the
+/// device (enumeration, entropy reads, hostile queues and resets): every cycle's device
+/// state round-trips through JSON and goes back in, and the guest never notices.
+#[test]
+fn device_state_survives_pause_save_restore_cycles() {
+    use kiln_vmm::config::{BootEntry, SerialConfig, VmConfig};
+    use kiln_vmm::devices::VirtioDeviceState;
+    use kiln_vmm::{Vm, VmOutcome};
+
+    common::require_kvm();
+    let dir = std::env::temp_dir().join(format!("kiln-rng-cycles-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let console = dir.join("console.log");
+    let cfg = VmConfig {
+        kernel: common::probe().to_path_buf(),
+        initrd: None,
+        cmdline: "probe.checks=pci,rng,hostile probe.hostile=rng".into(),
+        cpus: 1,
+        memory: 256 << 20,
+        serial: SerialConfig::File(console.clone()),
+        entry: BootEntry::Auto,
+        disks: vec![],
+        nets: vec![],
+        rng: true,
+        console: None,
+    };
+    let mut vm = Vm::build(&cfg).expect("build VM");
+    let mut activated = 0;
+    for _ in 0..100 {
+        std::thread::sleep(Duration::from_millis(3));
+        vm.pause().expect("pause");
+        let states = vm.save_device_states().expect("save device states");
+        assert_eq!(states.len(), 1);
+        let json = serde_json::to_string(&states).unwrap();
+        let back: Vec<VirtioDeviceState> = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, states, "serde round trip is lossless");
+        if let VirtioDeviceState::Pci { slot, state } = &states[0] {
+            assert_eq!(*slot, 1);
+            activated += usize::from(state.transport.activated);
+        }
+        vm.restore_device_states(back)
+            .expect("restore device states");
+        vm.resume().expect("resume");
+    }
+    assert_eq!(vm.run().expect("run to power-off"), VmOutcome::PowerOff);
+    let out = std::fs::read_to_string(&console).unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert!(out.contains("PROBE rng ok"), "{out}");
+    assert!(out.contains("PROBE hostile ok"), "{out}");
+    assert!(out.contains("PROBE summary ok=3 fail=0"), "{out}");
+    eprintln!("{activated} of 100 snapshots caught the device running");
+}

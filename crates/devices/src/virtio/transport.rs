@@ -167,6 +167,8 @@ pub struct VirtioCore {
     queues: Vec<QueueConfig>,
     notify: Vec<EventFd>,
     activated: bool,
+    /// Paused by the VMM: a device activated by a restore stays paused until resumed.
+    paused: bool,
 }
 
 impl VirtioCore {
@@ -197,6 +199,7 @@ impl VirtioCore {
             queues,
             notify,
             activated: false,
+            paused: false,
         })
     }
 
@@ -404,17 +407,19 @@ impl VirtioCore {
 
     /// Pauses the device.
     pub fn pause(&mut self) -> Result<(), VirtioError> {
-        if self.activated {
+        if self.activated && !self.paused {
             self.device.pause()?;
         }
+        self.paused = true;
         Ok(())
     }
 
     /// Resumes the device.
     pub fn resume(&mut self) -> Result<(), VirtioError> {
-        if self.activated {
+        if self.activated && self.paused {
             self.device.resume()?;
         }
+        self.paused = false;
         Ok(())
     }
 
@@ -472,6 +477,9 @@ impl VirtioCore {
         self.shared.status.store(s.status, Ordering::Release);
         if s.activated {
             self.activate(interrupt).map_err(bad)?;
+            if self.paused {
+                self.device.pause()?;
+            }
         }
         Ok(())
     }

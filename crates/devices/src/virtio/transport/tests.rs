@@ -213,3 +213,23 @@ fn state_round_trips_and_reactivates() {
     wrong.queues.pop();
     assert!(e.restore(wrong, &irq).is_err());
 }
+
+#[test]
+fn restore_while_paused_leaves_the_device_paused_until_resume() {
+    let (mut c, _, irq) = core();
+    negotiate(&mut c, &irq, features::VERSION_1);
+    setup_queue(&mut c, 0, 64, 0x1000);
+    c.write_status(ALL, &irq);
+    c.pause().unwrap();
+    let s = c.state().unwrap();
+
+    let (mut d, dlog, _) = core();
+    d.pause().unwrap();
+    assert_eq!(dlog.lock().unwrap().pauses, 0, "nothing to pause yet");
+    d.restore(s, &irq).unwrap();
+    assert_eq!(dlog.lock().unwrap().activations.len(), 1);
+    assert_eq!(dlog.lock().unwrap().pauses, 1, "activated, then paused");
+    d.pause().unwrap();
+    assert_eq!(dlog.lock().unwrap().pauses, 1, "pausing twice is one pause");
+    d.resume().unwrap();
+}
