@@ -119,6 +119,13 @@ expect "$out" '^PROBE net ok .* echo=3$' '^PROBE summary ok=1 fail=0'
 grep -q 'replies 3' "$work/ping.out" || die "ping: $(cat "$work/ping.out")"
 echo "host: 3 ping replies"
 
+echo "== virtio-mmio (microvm without ACPI announces the devices on the command line)"
+out=$(timeout 120 qemu-system-x86_64 -M microvm,rtc=on,acpi=off -no-reboot -global virtio-mmio.force-legacy=false \
+    -enable-kvm -m 512M -nodefaults -no-user-config -display none -serial stdio -kernel "$probe" \
+    -append "probe.checks=rng,blk probe.end=triplefault probe.blk_seed=$seed probe.blk_read=0:1M probe.blk_write=2M:1M" \
+    -device virtio-rng-device -drive "if=none,id=d0,file=$img,format=raw" -device virtio-blk-device,drive=d0,serial=mm0 2>/dev/null)
+expect "$out" '^PROBE rng ok dev=mmio@0x' '^PROBE blk ok dev=mmio@0x.* serial=mm0 .*write=1048576' '^PROBE summary ok=2 fail=0'
+
 for target in rng blk net console; do
     echo "== hostile $target (QEMU 7.2 completes DMA outside RAM, so oob_addr is left out)"
     out=$(qemu "probe.checks=hostile probe.hostile=$target probe.hostile_cases=loop,huge_len,avail_idx,bad_head,bad_next,bad_size,ring_oob" \
