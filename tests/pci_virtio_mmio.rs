@@ -11,7 +11,7 @@ use std::time::Duration;
 /// probe's "host pattern").
 fn pattern_disk(path: &std::path::Path, len: u64, seed: u64) {
     let bytes: Vec<u8> = (0..len / 8)
-        .flat_map(|i| (i * 8 ^ seed).to_le_bytes())
+        .flat_map(|i| ((i * 8) ^ seed).to_le_bytes())
         .collect();
     std::fs::write(path, bytes).unwrap();
 }
