@@ -19,6 +19,7 @@ pub mod crypto;
 mod fileio;
 pub mod qcow2;
 pub mod raw;
+pub mod testing;
 
 pub use qcow2::{Qcow2Error, Qcow2Image};
 pub use raw::RawImage;

@@ -1,5 +1,9 @@
 //! Hostile images: thousands of mutated and truncated images go through open, read, write
 //! and check. None may panic or hang; targeted corruptions get errors that name the problem.
+//!
+//! Every case runs `kiln_disk::testing::exercise_image`, the same workload as the fuzz
+//! target, and the corpus in tests/corpus/qcow2 (seed images from qemu-img and kiln, plus
+//! whatever `fuzz/run-stable.sh` adds) is replayed with mutations of each file.
 
 // Test code works on small, known sizes; truncating casts are intended there.
 #![allow(clippy::cast_possible_truncation)]
@@ -10,6 +14,9 @@ use std::time::Duration;
 
 use kiln_disk::qcow2::{CompressionType, CreateOptions, RepairMode};
 use kiln_disk::{BlockDevice, OpenOptions, Qcow2Image};
+
+/// The replayed corpus (see fuzz/run-stable.sh).
+const CORPUS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/corpus/qcow2");
 
 /// Builds a small image using most features: data, zero clusters, compressed clusters,
 /// a snapshot, subclusters optional.
@@ -38,48 +45,26 @@ fn seed_image(path: &Path, ext: bool) -> Vec<u8> {
     std::fs::read(path).unwrap()
 }
 
-/// Everything a consumer might do with an image; errors are fine, panics are not.
-fn exercise(path: &Path) {
-    let ro = OpenOptions {
-        read_only: true,
-        ..OpenOptions::default()
-    };
-    if let Ok(q) = Qcow2Image::open(path, &ro) {
-        let size = q.size().min(1 << 20);
-        let mut buf = vec![0u8; usize::try_from(size).unwrap()];
-        let _ = q.read_at(0, &mut buf);
-        let _ = q.block_status(0, size.max(1).min(q.size()));
-        let _ = q.check(RepairMode::None);
-        for s in q.snapshots() {
-            let mut b = vec![0u8; 4096.min(usize::try_from(s.disk_size).unwrap_or(0))];
-            let _ = q.read_snapshot(&s.id, 0, &mut b);
-        }
-    }
-    if let Ok(q) = Qcow2Image::open(path, &OpenOptions::default()) {
-        let size = q.size();
-        if size >= 8192 {
-            let _ = q.write_at(size / 2, &[0x44; 4096]);
-            let _ = q.discard(0, size.min(1 << 16));
-        }
-        let _ = q.check(RepairMode::All);
-        let _ = q.flush();
-    }
-}
-
-/// Runs `exercise` on `bytes` in a thread with a deadline.
+/// Runs the fuzz target's workload on `bytes` in a thread with a deadline.
 fn run_case(dir: &Path, name: &str, bytes: &[u8]) {
     let p = dir.join(name);
     std::fs::write(&p, bytes).unwrap();
     let (tx, rx) = mpsc::channel();
     let p2 = p.clone();
     let h = std::thread::spawn(move || {
-        let r = std::panic::catch_unwind(|| exercise(&p2));
+        let r = std::panic::catch_unwind(|| kiln_disk::testing::exercise_image(&p2));
         let _ = tx.send(r.is_ok());
     });
-    match rx.recv_timeout(Duration::from_secs(20)) {
-        Ok(true) => {}
-        Ok(false) => panic!("case {name} panicked"),
-        Err(_) => panic!("case {name} hung"),
+    let failed = match rx.recv_timeout(Duration::from_secs(20)) {
+        Ok(true) => None,
+        Ok(false) => Some("panicked"),
+        Err(_) => Some("hung"),
+    };
+    if let Some(how) = failed {
+        // Keep the input for reproduction (and for the corpus once fixed).
+        let keep = std::env::temp_dir().join(format!("kiln-hostile-{name}"));
+        std::fs::write(&keep, bytes).unwrap();
+        panic!("case {name} {how}; input saved to {}", keep.display());
     }
     let _ = h.join();
 }
@@ -131,6 +116,55 @@ fn mutated_and_truncated_images_never_panic_or_hang() {
         for _ in 0..40 {
             let n = rng.below(seed.len());
             run_case(dir.path(), &format!("r{ext}{n}.qcow2"), &seed[..n]);
+        }
+    }
+}
+
+/// Flips, overwrites and truncates `img` a little, mostly in the metadata at its start.
+fn mutate(rng: &mut Rng, img: &mut Vec<u8>) {
+    for _ in 0..1 + rng.below(8) {
+        if img.is_empty() {
+            return;
+        }
+        let pos = if rng.below(4) == 0 {
+            rng.below(img.len())
+        } else {
+            rng.below(img.len().min(4096))
+        };
+        match rng.below(5) {
+            0 => img[pos] ^= 1 << rng.below(8),
+            1 => img[pos] = 0xff,
+            2 => img[pos] = 0,
+            3 => {
+                let cut = pos.max(1);
+                img.truncate(cut);
+            }
+            _ => img[pos] = rng.next() as u8,
+        }
+    }
+}
+
+#[test]
+fn corpus_images_and_their_mutations_never_panic_or_hang() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut files: Vec<_> = std::fs::read_dir(CORPUS)
+        .unwrap_or_else(|e| panic!("corpus {CORPUS}: {e}"))
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.sort();
+    assert!(
+        files.len() >= 20,
+        "corpus {CORPUS} has only {} files",
+        files.len()
+    );
+    let mut rng = Rng(0x5851_f42d_4c95_7f2d);
+    for (i, f) in files.iter().enumerate() {
+        let seed = std::fs::read(f).unwrap();
+        run_case(dir.path(), &format!("c{i}.qcow2"), &seed);
+        for k in 0..12 {
+            let mut img = seed.clone();
+            mutate(&mut rng, &mut img);
+            run_case(dir.path(), &format!("c{i}m{k}.qcow2"), &img);
         }
     }
 }

@@ -344,7 +344,16 @@ impl State {
         let min_entries = (min_ti + 1).max(self.rc_table.len() as u64 + 1);
         let mut nblocks = 0u64;
         let mut tclusters = 1u64;
+        // The table may not outgrow qemu's limit: check before sizing anything by `min_ti`
+        // (a hostile image can name any cluster) and on every round.
+        let too_big = |clusters: u64| clusters.saturating_mul(self.cs) > MAX_REFTABLE_BYTES;
+        if too_big(min_ti.saturating_add(1).saturating_mul(8).div_ceil(self.cs)) {
+            return Err(Qcow2Error::NoSpace);
+        }
         let entries = loop {
+            if too_big(tclusters) || too_big(nblocks) {
+                return Err(Qcow2Error::NoSpace);
+            }
             let end = start + nblocks + tclusters;
             let last_ti = (end - 1) / per_block;
             let want = min_entries.max(last_ti + 1);
