@@ -12,7 +12,7 @@ use std::path::Path;
 use std::sync::mpsc;
 use std::time::Duration;
 
-use kiln_disk::qcow2::{CompressionType, CreateOptions, RepairMode};
+use kiln_disk::qcow2::{CompressionType, CreateOptions};
 use kiln_disk::{BlockDevice, OpenOptions, Qcow2Image};
 
 /// The replayed corpus (see fuzz/run-stable.sh).
