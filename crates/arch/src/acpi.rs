@@ -3,8 +3,9 @@
 //!
 //! The PCI host bridge is `\_SB_.PCI0` (PNP0A08, compatible PNP0A03) with its bus range,
 //! the 0xCF8 configuration ports and the MMIO windows in `_CRS`; its ECAM area is in MCFG
-//! and, as a motherboard resource, in `\_SB_.MRES` (PNP0C02). No `_PRT`: kiln's PCI
-//! devices interrupt through MSI-X only.
+//! and, as a motherboard resource, in `\_SB_.MRES` (PNP0C02). `_PRT` routes INTA#..INTD#
+//! of every slot to IOAPIC pins 16-19 ([`layout::pci_intx_gsi`]), for drivers that do not
+//! use MSI-X.
 //!
 //! Power management is "full" ACPI (not hardware-reduced): PM1a event/control blocks at
 //! [`acpi_ports`], `\_S5` = SLP_TYP 5, and a one-byte reset register. Processors are listed
@@ -21,7 +22,7 @@ use acpi_tables::xsdt::XSDT;
 use acpi_tables::Aml;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
-use crate::layout::{acpi_ports, ports, ACPI_END, ACPI_START, IOAPIC_ADDR, LAPIC_ADDR};
+use crate::layout::{self, acpi_ports, ports, ACPI_END, ACPI_START, IOAPIC_ADDR, LAPIC_ADDR};
 
 const OEM_ID: [u8; 6] = *b"KILNVM";
 const OEM_TABLE_ID: [u8; 8] = *b"KILNVMM ";
@@ -135,6 +136,7 @@ fn pci_host(pci: &PciHostConfig, out: &mut Vec<u8>) {
         resources.push(m);
     }
     let crs = aml::ResourceTemplate::new(resources);
+    let prt = pci_routing_table();
     let hid = aml::EISAName::new("PNP0A08");
     let cid = aml::EISAName::new("PNP0A03");
     let parts = [
@@ -145,6 +147,7 @@ fn pci_host(pci: &PciHostConfig, out: &mut Vec<u8>) {
         aml::Name::new("_UID".into(), &aml::ZERO),
         aml::Name::new("_BBN".into(), &aml::ZERO),
         aml::Name::new("_CRS".into(), &crs),
+        aml::Name::new("_PRT".into(), &prt),
     ];
     let pci0 = aml::Device::new(
         "_SB_.PCI0".into(),
@@ -171,6 +174,20 @@ fn pci_host(pci: &PciHostConfig, out: &mut Vec<u8>) {
         mres_parts.iter().map(|n| n as &dyn Aml).collect(),
     );
     out.extend_from_slice(&bytes_of(&mres));
+}
+
+/// `_PRT`: for slots 1-31 and pins INTA#..INTD#, the GSI each raises.
+fn pci_routing_table() -> aml::PackageBuilder {
+    let mut prt = aml::PackageBuilder::new();
+    for slot in 1..32u8 {
+        for pin in 0..4u8 {
+            let address = u32::from(slot) << 16 | 0xffff;
+            let gsi = layout::pci_intx_gsi(slot, pin);
+            let entry = aml::Package::new(vec![&address, &pin, &aml::ZERO, &gsi]);
+            prt.add_element(&entry);
+        }
+    }
+    prt
 }
 
 fn mcfg(pci: &PciHostConfig) -> Vec<u8> {
@@ -436,6 +453,12 @@ mod tests {
         // The 32-bit window's minimum and maximum, and the 64-bit window's minimum.
         assert!(has(&[0x00, 0x00, 0x00, 0xc0, 0xff, 0xff, 0xff, 0xdf]));
         assert!(has(&0x1_0000_0000u64.to_le_bytes()));
+        // _PRT: slot 3 INTB# -> GSI 16 (swizzle (3 + 1) % 4): Package(4) { 0x0003FFFF, One,
+        // Zero, 16 }.
+        assert!(has(b"_PRT"));
+        assert!(has(&[
+            0x12, 0x0b, 0x04, 0x0c, 0xff, 0xff, 0x03, 0x00, 0x01, 0x00, 0x0a, 0x10
+        ]));
     }
 
     #[test]

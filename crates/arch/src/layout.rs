@@ -73,8 +73,10 @@ pub const VIRTIO_MMIO_AREA: u64 = 0x100_0000;
 /// The register block of one virtio-mmio device.
 pub const VIRTIO_MMIO_SIZE: u64 = 0x1000;
 /// IOAPIC pins (GSIs) virtio-mmio devices may use, in order: ISA lines nothing else uses,
-/// then the PCI-range pins.
-pub const VIRTIO_MMIO_GSIS: [u32; 15] = [5, 6, 7, 10, 11, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23];
+/// then the pins above PCI's INTx lines.
+pub const VIRTIO_MMIO_GSIS: [u32; 11] = [5, 6, 7, 10, 11, 14, 15, 20, 21, 22, 23];
+/// IOAPIC pins of the PCI INTx lines (see [`pci_intx_gsi`]).
+pub const PCI_INTX_GSIS: [u32; 4] = [16, 17, 18, 19];
 /// GSIs KVM routes to the IOAPIC (and, below 16, the PICs) by default.
 pub const IOAPIC_PINS: u32 = 24;
 /// Alignment and granule of the 64-bit window.
@@ -130,6 +132,12 @@ pub fn ram_ranges(mem_size: u64) -> Vec<(u64, u64)> {
             (MMIO_HOLE_END, mem_size - MMIO_HOLE_START),
         ]
     }
+}
+
+/// The GSI that INTx `pin` (0 = INTA# .. 3 = INTD#) of the device in `slot` of bus 0 raises:
+/// the usual swizzle over four lines, as the DSDT's `_PRT` says.
+pub fn pci_intx_gsi(slot: u8, pin: u8) -> u32 {
+    PCI_INTX_GSIS[(usize::from(slot) + usize::from(pin)) % PCI_INTX_GSIS.len()]
 }
 
 /// The PCI 64-bit MMIO window `(start, size)` for `mem_size` bytes of RAM on a host with

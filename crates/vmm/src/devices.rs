@@ -192,24 +192,35 @@ impl DeviceManager {
         let name = device.name();
         let handle = match transport {
             Transport::Pci => {
+                let full = || DeviceError::Pci {
+                    device: name,
+                    source: PciError::BusFull,
+                };
+                let slot = lock(&self.root).next_free_slot().ok_or_else(full)?;
+                let gsi = layout::pci_intx_gsi(slot, 0);
+                let intx = self.irq_line(name, gsi)?;
                 let pci = VirtioPci::new(
                     device,
                     self.mem.clone(),
                     self.hooks.clone(),
                     self.hooks.clone(),
+                    Some((intx, u8::try_from(gsi).unwrap_or(0xff))),
                 )
                 .map_err(|source| DeviceError::Pci {
                     device: name,
                     source,
                 })?;
                 let pci = Arc::new(Mutex::new(pci));
-                let slot = lock(&self.root).add_device(pci.clone()).map_err(|source| {
+                let placed = lock(&self.root).add_device(pci.clone()).map_err(|source| {
                     DeviceError::Pci {
                         device: name,
                         source,
                     }
                 })?;
-                log::debug!("{name}: PCI 00:{slot:02x}.0");
+                if placed != slot {
+                    return Err(full());
+                }
+                log::debug!("{name}: PCI 00:{slot:02x}.0, INTA# on GSI {gsi}");
                 VirtioHandle::Pci(slot, pci)
             }
             Transport::Mmio => {
@@ -219,25 +230,12 @@ impl DeviceManager {
                 if (n as u64 + 1) * VIRTIO_MMIO_SIZE > VIRTIO_MMIO_AREA {
                     return Err(DeviceError::MmioFull(name));
                 }
-                let irq_err = |source| DeviceError::Irq {
-                    device: name,
-                    source,
-                };
-                let irq = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(irq_err)?;
-                self.vm
-                    .register_irqfd(&irq, gsi)
-                    .map_err(|e| irq_err(std::io::Error::from_raw_os_error(e.errno())))?;
-                let dev = VirtioMmio::new(
-                    device,
-                    self.mem.clone(),
-                    base,
-                    IrqLine::new(irq),
-                    self.hooks.clone(),
-                )
-                .map_err(|source| DeviceError::Virtio {
-                    device: name,
-                    source,
-                })?;
+                let irq = self.irq_line(name, gsi)?;
+                let dev = VirtioMmio::new(device, self.mem.clone(), base, irq, self.hooks.clone())
+                    .map_err(|source| DeviceError::Virtio {
+                        device: name,
+                        source,
+                    })?;
                 let dev = Arc::new(Mutex::new(dev));
                 self.mmio_bus
                     .insert(dev.clone(), base, VIRTIO_MMIO_SIZE)
@@ -251,6 +249,16 @@ impl DeviceManager {
         };
         self.virtio.push(handle.clone());
         Ok(handle)
+    }
+
+    /// An eventfd registered as the irqfd of IOAPIC pin `gsi`.
+    fn irq_line(&self, device: &'static str, gsi: u32) -> Result<IrqLine, DeviceError> {
+        let irq_err = |source| DeviceError::Irq { device, source };
+        let irq = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(irq_err)?;
+        self.vm
+            .register_irqfd(&irq, gsi)
+            .map_err(|e| irq_err(std::io::Error::from_raw_os_error(e.errno())))?;
+        Ok(IrqLine::new(irq))
     }
 
     /// Pauses every device (workers stop, in-flight work finishes).
@@ -380,6 +388,9 @@ mod tests {
         assert_eq!(read32(&pio, 0xcfc), 0x1044_1af4);
         assert_eq!(read32(&mmio, PCI_ECAM_START + (1 << 15)), 0x1044_1af4);
         assert_eq!(read32(&mmio, PCI_ECAM_START), 0x0008_1b36);
+        // INTA#, on the GSI the DSDT's _PRT gives slot 1.
+        let int = read32(&mmio, PCI_ECAM_START + (1 << 15) + 0x3c);
+        assert_eq!(int & 0xffff, 0x0100 | layout::pci_intx_gsi(1, 0));
         assert!(m.cmdline_additions().is_empty());
         let host = m.pci_host();
         assert_eq!(host.ecam_base, PCI_ECAM_START);

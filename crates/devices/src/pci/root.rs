@@ -81,6 +81,12 @@ impl PciRoot {
         Ok(root)
     }
 
+    /// The slot [`PciRoot::add_device`] will use next.
+    pub fn next_free_slot(&self) -> Option<u8> {
+        let slot = self.slots.iter().position(Option::is_none)?;
+        u8::try_from(slot).ok()
+    }
+
     /// Plugs `device` into the next free slot: places its BARs and maps them. Returns the
     /// slot (device number; the function is 0).
     pub fn add_device(&mut self, device: SharedPciDevice) -> Result<u8, PciError> {

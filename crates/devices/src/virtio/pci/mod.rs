@@ -6,12 +6,13 @@
 //! Queue notifications arrive on one eventfd per queue that the VMM registers as an
 //! ioeventfd at the queue's notification address (multiplier 4: queue `i` at
 //! `NOTIFY + 4 * i`), so a notification never waits for a vCPU exit; a write that does reach
-//! the transport signals the same eventfd. Interrupts go through MSI-X; with MSI-X disabled
-//! only the ISR bits are set (kiln has no INTx).
+//! the transport signals the same eventfd. Interrupts go through MSI-X; with MSI-X disabled,
+//! through INTA# (an irqfd on the slot's IOAPIC pin, pulsed once per interrupt) and the ISR
+//! bits, which the driver reads to learn why (reading clears them).
 
 mod common;
 
-use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
 use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
@@ -22,10 +23,10 @@ use super::transport::{
 use super::{ids, GuestMemory, InterruptKind, VirtioDevice, VirtioError, VirtioInterrupt};
 use crate::bus::lock;
 use crate::hooks::{IoEventAddress, IoEvents, MsiRouter};
-use crate::pci::config::{BarKind, BarSpec, PciConfig, PciConfigState, PciHeader};
+use crate::pci::config::{command, reg, BarKind, BarSpec, PciConfig, PciConfigState, PciHeader};
 use crate::pci::msix::{self, Msix, MsixState};
 use crate::pci::{PciDevice, PciError};
-use crate::warn_ratelimited;
+use crate::{warn_ratelimited, IrqLine};
 
 /// Red Hat's virtio vendor ID.
 pub const VENDOR_ID: u16 = 0x1af4;
@@ -80,10 +81,15 @@ fn class_of(device_type: u32) -> u32 {
     }
 }
 
-/// MSI-X vectors of the queues and of configuration changes, shared with interrupts.
+/// MSI-X vectors of the queues and of configuration changes, and the interrupt enables,
+/// shared with interrupts so that a device's worker never waits for the transport's lock.
 struct Vectors {
     config: AtomicU16,
     queues: Vec<AtomicU16>,
+    /// MSI-X is enabled.
+    msix_enabled: AtomicBool,
+    /// The command register's INTx disable bit.
+    intx_disabled: AtomicBool,
 }
 
 impl Vectors {
@@ -101,6 +107,7 @@ struct PciInterrupt {
     shared: Arc<SharedStatus>,
     vectors: Arc<Vectors>,
     msix: Arc<Mutex<Msix>>,
+    intx: Option<IrqLine>,
 }
 
 impl VirtioInterrupt for PciInterrupt {
@@ -118,14 +125,20 @@ impl VirtioInterrupt for PciInterrupt {
         if kind == InterruptKind::Config {
             self.shared.generation.fetch_add(1, Ordering::AcqRel);
         }
-        if vector != NO_VECTOR && lock(&self.msix).trigger(vector) {
+        if self.vectors.msix_enabled.load(Ordering::Acquire) {
+            if vector != NO_VECTOR {
+                lock(&self.msix).trigger(vector);
+            }
             return Ok(());
         }
-        // MSI-X off (or no vector): the ISR tells a polling driver what happened.
-        if self.shared.isr.load(Ordering::Acquire) & isr == 0 {
-            self.shared.isr.fetch_or(isr, Ordering::AcqRel);
+        // MSI-X off: the ISR says why, INTA# (when enabled) says that.
+        self.shared.isr.fetch_or(isr, Ordering::AcqRel);
+        match &self.intx {
+            Some(line) if !self.vectors.intx_disabled.load(Ordering::Acquire) => {
+                line.eventfd().write(1)
+            }
+            _ => Ok(()),
         }
-        Ok(())
     }
 
     fn needs_reset(&self, reason: &str) {
@@ -165,12 +178,14 @@ pub struct VirtioPci {
 
 impl VirtioPci {
     /// Wraps `device`; MSI-X vectors come from `router`, notifications are registered with
-    /// `ioevents` once the BAR is placed.
+    /// `ioevents` once the BAR is placed; `intx` is INTA# and the GSI it raises (the
+    /// interrupt line register's initial value), if the device has one.
     pub fn new(
         device: Box<dyn VirtioDevice>,
         mem: GuestMemory,
         router: Arc<dyn MsiRouter>,
         ioevents: Arc<dyn IoEvents>,
+        intx: Option<(IrqLine, u8)>,
     ) -> Result<Self, PciError> {
         let name = device.name();
         let dtype = device.device_type();
@@ -202,6 +217,11 @@ impl VirtioPci {
                 },
             },
         )?;
+        let intx = intx.map(|(line, gsi)| {
+            config.set_interrupt_pin(1);
+            config.set_bytes(reg::INTERRUPT_LINE, &[gsi]);
+            line
+        });
         let nq16 = u16::try_from(nq).unwrap_or(u16::MAX);
         let msix = Msix::new(nq16 + 1, router)?;
         let vcap = |config: &mut PciConfig, kind: u8, offset: u64, len: u64| {
@@ -235,6 +255,8 @@ impl VirtioPci {
         let vectors = Arc::new(Vectors {
             config: AtomicU16::new(NO_VECTOR),
             queues: (0..nq).map(|_| AtomicU16::new(NO_VECTOR)).collect(),
+            msix_enabled: AtomicBool::new(false),
+            intx_disabled: AtomicBool::new(false),
         });
         let msix = Arc::new(Mutex::new(msix));
         let interrupt: Arc<dyn VirtioInterrupt> = Arc::new(PciInterrupt {
@@ -242,6 +264,7 @@ impl VirtioPci {
             shared: core.shared().clone(),
             vectors: vectors.clone(),
             msix: msix.clone(),
+            intx,
         });
         Ok(VirtioPci {
             config,
@@ -312,6 +335,7 @@ impl VirtioPci {
         lock(&self.msix)
             .restore(&s.msix)
             .map_err(|e| bad(e.to_string()))?;
+        self.sync_interrupt_enables();
         self.vectors
             .config
             .store(s.config_vector, Ordering::Release);
@@ -336,6 +360,16 @@ impl VirtioPci {
                 );
             }
         }
+    }
+
+    /// Mirrors MSI-X enable and INTx disable for the interrupt path.
+    fn sync_interrupt_enables(&self) {
+        let msix = lock(&self.msix).enabled();
+        self.vectors.msix_enabled.store(msix, Ordering::Release);
+        let intx_off = self.config.command() & command::INTX_DISABLE != 0;
+        self.vectors
+            .intx_disabled
+            .store(intx_off, Ordering::Release);
     }
 
     fn msix_vectors(&self) -> u16 {
@@ -401,6 +435,7 @@ impl PciDevice for VirtioPci {
             let control = u16::from_le_bytes([c[0], c[1]]);
             lock(&self.msix).set_control(control);
         }
+        self.sync_interrupt_enables();
         let data_at = self.cfg_cap + 16;
         if overlaps(offset, data.len(), data_at, 4) {
             if let Some((bar_offset, len)) = self.cfg_cap_target() {

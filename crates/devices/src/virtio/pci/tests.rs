@@ -15,9 +15,13 @@ struct Dev {
 }
 
 fn dev() -> Dev {
+    dev_with(None)
+}
+
+fn dev_with(intx: Option<(IrqLine, u8)>) -> Dev {
     let (d, log) = fake();
     let hooks = Arc::new(Recorder::default());
-    let mut pci = VirtioPci::new(d, memory(), hooks.clone(), hooks.clone()).unwrap();
+    let mut pci = VirtioPci::new(d, memory(), hooks.clone(), hooks.clone(), intx).unwrap();
     pci.config_mut().set_bar_address(0, 0xc000_0000);
     pci.bar_moved(0, Some(0xc000_0000));
     pci.write_config(reg::COMMAND, &command::MEMORY.to_le_bytes());
@@ -168,6 +172,33 @@ fn without_a_vector_the_isr_records_the_interrupt_and_reading_clears_it() {
     irq.trigger(InterruptKind::Queue(0)).unwrap();
     assert_eq!(d.r(0x1000, 1), 1);
     assert_eq!(d.r(0x1000, 1), 0);
+}
+
+#[test]
+fn without_msix_interrupts_pulse_inta_unless_disabled() {
+    let line = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    let mut d = dev_with(Some((IrqLine::new(line.try_clone().unwrap()), 17)));
+    assert_eq!(d.cfg(reg::INTERRUPT_LINE, 2), 0x0111, "pin INTA#, line 17");
+    d.bring_up(0);
+    let irq = d.log.lock().unwrap().interrupt.clone().unwrap();
+    irq.trigger(InterruptKind::Queue(0)).unwrap();
+    assert_eq!(line.read().unwrap(), 1);
+    assert_eq!(d.r(0x1000, 1), 1);
+    // INTx disabled in the command register: the ISR only.
+    let cmd = command::MEMORY | command::INTX_DISABLE;
+    d.pci.write_config(reg::COMMAND, &cmd.to_le_bytes());
+    irq.trigger(InterruptKind::Queue(0)).unwrap();
+    assert!(line.read().is_err());
+    assert_eq!(d.r(0x1000, 1), 1);
+    // MSI-X on: the vector, never INTx (vector 0 is masked: pending).
+    d.pci
+        .write_config(reg::COMMAND, &command::MEMORY.to_le_bytes());
+    let ctrl = d.pci.msix_cap + 2;
+    d.pci
+        .write_config(ctrl, &msix::CONTROL_ENABLE.to_le_bytes());
+    irq.trigger(InterruptKind::Queue(0)).unwrap();
+    assert!(line.read().is_err());
+    assert_eq!(d.r(0x5000, 8), 1, "pending on vector 0");
 }
 
 #[test]
