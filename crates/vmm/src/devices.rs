@@ -362,6 +362,10 @@ mod tests {
         let kvm = kvm_ioctls::Kvm::new().expect("these tests need /dev/kvm");
         let vm = Arc::new(kvm.create_vm().unwrap());
         vm.create_irq_chip().unwrap();
+        manager_on(vm)
+    }
+
+    fn manager_on(vm: Arc<VmFd>) -> (DeviceManager, Bus, Arc<Bus>, GuestMemory) {
         let mem = crate::memory::create_guest_memory(16 << 20).unwrap();
         let pio = Bus::new();
         let mmio = Arc::new(Bus::new());
@@ -397,6 +401,93 @@ mod tests {
         assert_eq!(host.mmio64, Some((4 << 30, 1 << 40)));
     }
 
+    /// Writes a split queue of 8 at 0x10000 with one 32-byte device-writable buffer at
+    /// 0x20000 published; returns (desc, avail, used).
+    fn one_request(mem: &GuestMemory) -> (u64, u64, u64) {
+        let (desc, avail, used, buf) = (0x10000u64, 0x10080u64, 0x10100u64, 0x20000u64);
+        mem.write_obj(buf, GuestAddress(desc)).unwrap();
+        mem.write_obj(32u32, GuestAddress(desc + 8)).unwrap();
+        mem.write_obj(2u16, GuestAddress(desc + 12)).unwrap(); // WRITE
+        mem.write_obj(0u16, GuestAddress(avail + 4)).unwrap(); // ring[0] = 0
+        mem.write_obj(1u16, GuestAddress(avail + 2)).unwrap(); // idx = 1
+        (desc, avail, used)
+    }
+
+    /// The whole interrupt path on real KVM: a driver (this test, through ECAM and the BAR)
+    /// sets virtio-rng on PCI up with MSI-X vector 1 for its queue, programmed to deliver
+    /// vector 0x45 to APIC 0; the device fills a buffer and signals; the interrupt lands in
+    /// the vCPU's local APIC (IRR), through the irqfd and the GSI route.
+    #[test]
+    fn msix_interrupt_reaches_the_vcpus_local_apic() {
+        let kvm = kvm_ioctls::Kvm::new().expect("this test needs /dev/kvm");
+        let vm = Arc::new(kvm.create_vm().unwrap());
+        vm.create_irq_chip().unwrap();
+        let vcpu = vm.create_vcpu(0).unwrap();
+        let mut lapic = vcpu.get_lapic().unwrap();
+        // Software-enable the local APIC (spurious vector register, bit 8).
+        lapic.regs[0xf1] |= 1;
+        vcpu.set_lapic(&lapic).unwrap();
+        let (mut m, _, mmio, mem) = manager_on(vm);
+        m.attach_virtio(Box::new(Rng::new()), Transport::Pci)
+            .unwrap();
+        let ecam = PCI_ECAM_START + (1 << 15);
+        write32(&mmio, ecam + 4, 0x6); // memory decoding, bus master
+        let bar = u64::from(read32(&mmio, ecam + 0x10) & !0xf);
+        // MSI-X: enable (capability found by walking the list).
+        let mut cap = u64::from(read32(&mmio, ecam + 0x34) & 0xff);
+        while read32(&mmio, ecam + cap) & 0xff != 0x11 {
+            cap = u64::from((read32(&mmio, ecam + cap) >> 8) & 0xff);
+        }
+        write32(&mmio, ecam + cap, 0x8000 << 16 | 0x11);
+        // Table entry 1: APIC 0, vector 0x45, unmasked.
+        write32(&mmio, bar + 0x4010, 0xfee0_0000);
+        write32(&mmio, bar + 0x4014, 0);
+        write32(&mmio, bar + 0x4018, 0x45);
+        write32(&mmio, bar + 0x401c, 0);
+        let (desc, avail, used) = one_request(&mem);
+        let c = bar; // common configuration
+        let w8 = |off: u64, v: u8| assert!(mmio.write(c + off, &[v]));
+        let w16 = |off: u64, v: u16| assert!(mmio.write(c + off, &v.to_le_bytes()));
+        w8(0x14, st::ACKNOWLEDGE | st::DRIVER);
+        write32(&mmio, c + 0x08, 1);
+        write32(&mmio, c + 0x0c, 1); // VERSION_1
+        w8(0x14, st::ACKNOWLEDGE | st::DRIVER | st::FEATURES_OK);
+        w16(0x16, 0);
+        w16(0x18, 8);
+        w16(0x1a, 1); // queue 0 -> vector 1
+        write32(&mmio, c + 0x20, u32::try_from(desc).unwrap());
+        write32(&mmio, c + 0x28, u32::try_from(avail).unwrap());
+        write32(&mmio, c + 0x30, u32::try_from(used).unwrap());
+        w16(0x1c, 1);
+        w8(
+            0x14,
+            st::ACKNOWLEDGE | st::DRIVER | st::FEATURES_OK | st::DRIVER_OK,
+        );
+        let mut status = [0u8];
+        mmio.read(c + 0x14, &mut status);
+        assert_eq!(status[0], 0xf);
+        w16(0x3000, 0); // notify queue 0
+
+        let irr = |l: &kvm_bindings::kvm_lapic_state| {
+            // IRR bit 0x45: register 0x200 + 0x10 * (0x45 / 32), bit 0x45 % 32.
+            (l.regs[0x200 + 0x10 * 2] as u8) & (1 << (0x45 % 32 % 8)) != 0
+        };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let l = vcpu.get_lapic().unwrap();
+            if irr(&l) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "vector 0x45 never reached the LAPIC"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(mem.read_obj::<u16>(GuestAddress(used + 2)).unwrap(), 1);
+        m.shutdown();
+    }
+
     #[test]
     fn mmio_devices_are_announced_on_the_command_line() {
         let (mut m, _, mmio, _) = manager();
@@ -421,13 +512,8 @@ mod tests {
         m.attach_virtio(Box::new(Rng::new()), Transport::Mmio)
             .unwrap();
         let b = VIRTIO_MMIO_START;
-        // Queue of 8 at 0x10000: descriptors, then avail, then used.
-        let (desc, avail, used, buf) = (0x10000u64, 0x10080u64, 0x10100u64, 0x20000u64);
-        mem.write_obj(buf, GuestAddress(desc)).unwrap();
-        mem.write_obj(32u32, GuestAddress(desc + 8)).unwrap();
-        mem.write_obj(2u16, GuestAddress(desc + 12)).unwrap(); // WRITE
-        mem.write_obj(0u16, GuestAddress(avail + 4)).unwrap(); // ring[0] = 0
-        mem.write_obj(1u16, GuestAddress(avail + 2)).unwrap(); // idx = 1
+        let (desc, avail, used) = one_request(&mem);
+        let buf = 0x20000u64;
         write32(&mmio, b + 0x70, u32::from(st::ACKNOWLEDGE | st::DRIVER));
         write32(&mmio, b + 0x24, 1);
         write32(&mmio, b + 0x20, 1);
