@@ -469,8 +469,8 @@ mod tests {
         w16(0x3000, 0); // notify queue 0
 
         let irr = |l: &kvm_bindings::kvm_lapic_state| {
-            // IRR bit 0x45: register 0x200 + 0x10 * (0x45 / 32), bit 0x45 % 32.
-            (l.regs[0x200 + 0x10 * 2] as u8) & (1 << (0x45 % 32 % 8)) != 0
+            // IRR bit 0x45 (69): register 0x200 + 0x10 * (69 / 32), bit 69 % 32 = 5.
+            (l.regs[0x220] as u8) & (1 << 5) != 0
         };
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
