@@ -75,7 +75,7 @@ fn without_rng_there_is_no_virtio_device() {
 #[test]
 fn device_state_survives_pause_save_restore_cycles() {
     use kiln_vmm::config::{BootEntry, SerialConfig, VmConfig};
-    use kiln_vmm::devices::VirtioDeviceState;
+    use kiln_vmm::devices::{DeviceStates, VirtioDeviceState};
     use kiln_vmm::{Vm, VmOutcome};
 
     common::require_kvm();
@@ -101,11 +101,11 @@ fn device_state_survives_pause_save_restore_cycles() {
         std::thread::sleep(Duration::from_millis(3));
         vm.pause().expect("pause");
         let states = vm.save_device_states().expect("save device states");
-        assert_eq!(states.len(), 1);
+        assert_eq!(states.virtio.len(), 1);
         let json = serde_json::to_string(&states).unwrap();
-        let back: Vec<VirtioDeviceState> = serde_json::from_str(&json).unwrap();
+        let back: DeviceStates = serde_json::from_str(&json).unwrap();
         assert_eq!(back, states, "serde round trip is lossless");
-        if let VirtioDeviceState::Pci { slot, state } = &states[0] {
+        if let VirtioDeviceState::Pci { slot, state } = &states.virtio[0] {
             assert_eq!(*slot, 1);
             activated += usize::from(state.transport.activated);
         }

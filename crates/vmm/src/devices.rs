@@ -10,7 +10,7 @@ use kiln_arch::layout::{
     VIRTIO_MMIO_AREA, VIRTIO_MMIO_GSIS, VIRTIO_MMIO_SIZE, VIRTIO_MMIO_START,
 };
 use kiln_devices::bus::lock;
-use kiln_devices::pci::{PciConfigIo, PciEcam, PciError, PciRoot, PciWindows};
+use kiln_devices::pci::{PciConfigIo, PciEcam, PciError, PciRoot, PciRootState, PciWindows};
 use kiln_devices::virtio::mmio::{VirtioMmio, VirtioMmioState};
 use kiln_devices::virtio::pci::{VirtioPci, VirtioPciState};
 use kiln_devices::virtio::{VirtioDevice, VirtioError};
@@ -98,9 +98,21 @@ pub enum VirtioDeviceState {
     },
 }
 
+/// Everything [`DeviceManager::save`] saves.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DeviceStates {
+    /// The PCI root (host bridge).
+    pub pci_root: PciRootState,
+    /// The 0xCF8 address register.
+    pub config_address: u32,
+    /// Each virtio device, in the order they were attached.
+    pub virtio: Vec<VirtioDeviceState>,
+}
+
 /// The PCI root and the virtio devices of a VM.
 pub struct DeviceManager {
     root: Arc<Mutex<PciRoot>>,
+    config_io: Arc<Mutex<PciConfigIo>>,
     host: PciHostConfig,
     hooks: Arc<KvmHooks>,
     vm: Arc<VmFd>,
@@ -131,15 +143,12 @@ impl DeviceManager {
             source,
         })?;
         let root = Arc::new(Mutex::new(root));
-        pio.insert(
-            Arc::new(Mutex::new(PciConfigIo::new(root.clone()))),
-            0xcf8,
-            8,
-        )
-        .map_err(|source| DeviceError::Bus {
-            what: "the PCI configuration ports",
-            source,
-        })?;
+        let config_io = Arc::new(Mutex::new(PciConfigIo::new(root.clone())));
+        pio.insert(config_io.clone(), 0xcf8, 8)
+            .map_err(|source| DeviceError::Bus {
+                what: "the PCI configuration ports",
+                source,
+            })?;
         mmio.insert(
             Arc::new(Mutex::new(PciEcam::new(root.clone()))),
             PCI_ECAM_START,
@@ -151,6 +160,7 @@ impl DeviceManager {
         })?;
         Ok(DeviceManager {
             root,
+            config_io,
             host: PciHostConfig {
                 ecam_base: PCI_ECAM_START,
                 bus_last: PCI_BUS_LAST,
@@ -283,8 +293,16 @@ impl DeviceManager {
         Ok(())
     }
 
-    /// Every device's state; they must be paused.
-    pub fn save(&self) -> Result<Vec<VirtioDeviceState>, VirtioError> {
+    /// The PCI root's and every device's state; the devices must be paused.
+    pub fn save(&self) -> Result<DeviceStates, VirtioError> {
+        Ok(DeviceStates {
+            pci_root: lock(&self.root).state(),
+            config_address: lock(&self.config_io).address(),
+            virtio: self.save_virtio()?,
+        })
+    }
+
+    fn save_virtio(&self) -> Result<Vec<VirtioDeviceState>, VirtioError> {
         self.virtio
             .iter()
             .map(|d| {
@@ -303,7 +321,8 @@ impl DeviceManager {
     }
 
     /// Restores [`DeviceManager::save`] into the same devices, attached in the same order.
-    pub fn restore(&self, states: Vec<VirtioDeviceState>) -> Result<(), DeviceError> {
+    pub fn restore(&self, all: DeviceStates) -> Result<(), DeviceError> {
+        let states = all.virtio;
         if states.len() != self.virtio.len() {
             return Err(DeviceError::State(format!(
                 "{} device states for {} devices",
@@ -332,7 +351,14 @@ impl DeviceManager {
                 source,
             })?;
         }
-        lock(&self.root).sync_all_bars();
+        let mut root = lock(&self.root);
+        root.restore(&all.pci_root)
+            .map_err(|source| DeviceError::Pci {
+                device: "the host bridge",
+                source,
+            })?;
+        root.sync_all_bars();
+        lock(&self.config_io).set_address(all.config_address);
         Ok(())
     }
 
@@ -546,7 +572,9 @@ mod tests {
         let states = m.save().unwrap();
         m.restore(states.clone()).unwrap();
         assert_eq!(m.save().unwrap(), states);
-        assert!(m.restore(vec![]).is_err());
+        let mut wrong = states.clone();
+        wrong.virtio.clear();
+        assert!(m.restore(wrong).is_err());
         m.shutdown();
     }
 }

@@ -15,7 +15,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::config::VmConfig;
 use crate::console::{EscapeFilter, RawTerminal};
-use crate::devices::{DeviceManager, VirtioDeviceState};
+use crate::devices::{DeviceManager, DeviceStates};
 use crate::error::{os_err, VmError};
 use crate::events::VmEvent;
 use crate::memory::{self, GuestMemory, MemoryError};
@@ -116,14 +116,14 @@ impl Vm {
         &self.devices
     }
 
-    /// The state of every virtio device; the VM must be paused.
-    pub fn save_device_states(&self) -> Result<Vec<VirtioDeviceState>, VmError> {
+    /// The state of the PCI root and every virtio device; the VM must be paused.
+    pub fn save_device_states(&self) -> Result<DeviceStates, VmError> {
         Ok(self.devices.save()?)
     }
 
     /// Loads device states (as [`Vm::save_device_states`] returned them, for a VM built
     /// from the same configuration); the VM must be paused.
-    pub fn restore_device_states(&self, states: Vec<VirtioDeviceState>) -> Result<(), VmError> {
+    pub fn restore_device_states(&self, states: DeviceStates) -> Result<(), VmError> {
         Ok(self.devices.restore(states)?)
     }
 

@@ -13,7 +13,7 @@ pub mod root;
 
 pub use config::{BarKind, BarSpec, PciConfig, PciConfigState, PciHeader};
 pub use msix::{Msix, MsixState};
-pub use root::{PciConfigIo, PciEcam, PciRoot, PciWindows};
+pub use root::{PciConfigIo, PciEcam, PciRoot, PciRootState, PciWindows};
 
 /// PCI errors.
 #[derive(Debug, thiserror::Error)]

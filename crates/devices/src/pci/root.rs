@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex, Weak};
 
 use vm_allocator::{AddressAllocator, AllocPolicy};
 
-use super::config::{BarKind, BAR_COUNT, EXTENDED_CONFIG_SIZE};
+use super::config::{BarKind, PciConfigState, BAR_COUNT, EXTENDED_CONFIG_SIZE};
 use super::{HostBridge, PciDevice, PciError};
 use crate::bus::{lock, Bus, BusDevice};
 use crate::warn_ratelimited;
@@ -44,6 +44,13 @@ struct Slot {
     device: SharedPciDevice,
     /// Where each BAR is on the MMIO bus now.
     mapped: [Option<u64>; BAR_COUNT],
+}
+
+/// The root's own part of a snapshot (devices save theirs).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PciRootState {
+    /// The host bridge's configuration space.
+    pub host_bridge: PciConfigState,
 }
 
 /// Bus 0.
@@ -251,6 +258,23 @@ impl PciRoot {
         }
     }
 
+    /// The root's state (the host bridge's configuration space).
+    pub fn state(&self) -> PciRootState {
+        let host_bridge = self.slots[0]
+            .as_ref()
+            .map(|s| lock(&s.device).config().state())
+            .unwrap_or(PciConfigState { regs: Vec::new() });
+        PciRootState { host_bridge }
+    }
+
+    /// Restores [`PciRoot::state`].
+    pub fn restore(&mut self, s: &PciRootState) -> Result<(), PciError> {
+        match &self.slots[0] {
+            Some(slot) => lock(&slot.device).config_mut().restore(&s.host_bridge),
+            None => Ok(()),
+        }
+    }
+
     /// Where BAR `bar` of slot `dev` decodes now.
     pub fn bar_mapping(&self, dev: u8, bar: usize) -> Option<u64> {
         self.slots
@@ -305,6 +329,16 @@ impl PciConfigIo {
     /// The ports for `root`.
     pub fn new(root: Arc<Mutex<PciRoot>>) -> Self {
         PciConfigIo { root, address: 0 }
+    }
+
+    /// The address register (for snapshots).
+    pub fn address(&self) -> u32 {
+        self.address
+    }
+
+    /// Sets the address register (restoring a snapshot).
+    pub fn set_address(&mut self, address: u32) {
+        self.address = address;
     }
 
     /// (bus, device, function, register) the address register selects, if enabled.

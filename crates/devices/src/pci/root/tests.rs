@@ -289,3 +289,20 @@ fn garbage_config_writes_break_nothing_but_the_device() {
     assert_eq!(ecam_read32(&mut s, 0, 0), 0x0008_1b36);
     assert_eq!(ecam_read32(&mut s, 1, 0), 0x5678_1234);
 }
+
+#[test]
+fn root_state_round_trips_the_host_bridge_and_the_address_register() {
+    let mut s = setup();
+    ecam_write32(&mut s, 0, reg::COMMAND as u64, 0x6);
+    cf8(&mut s, 0, 0x3c);
+    let state = s.root.lock().unwrap().state();
+    let json = serde_json::to_string(&state).unwrap();
+    let back: PciRootState = serde_json::from_str(&json).unwrap();
+    let mut t = setup();
+    t.root.lock().unwrap().restore(&back).unwrap();
+    t.io.set_address(s.io.address());
+    assert_eq!(ecam_read32(&mut t, 0, reg::COMMAND as u64) & 0xffff, 0x6);
+    let mut b = [0u8; 4];
+    t.io.read(0xcf8, 0, &mut b);
+    assert_eq!(u32::from_le_bytes(b), 0x8000_003c);
+}
