@@ -55,7 +55,7 @@ enum Command {
             Exit status: 0 the guest powered off, 3 the guest rebooted, 1 an error, 2 bad usage, \
             128+N stopped by signal N."
     )]
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Create, inspect and convert disk images (qemu-img compatible).
     #[command(disable_help_flag = true)]
     Img {
@@ -241,7 +241,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_level);
     match cli.command {
-        Command::Run(a) => run(a),
+        Command::Run(a) => run(*a),
         Command::Img { args } => {
             ExitCode::from(u8::try_from(kiln_img::main(&args)).unwrap_or(EXIT_ERROR))
         }
