@@ -44,13 +44,108 @@ pub struct CheckReport {
     pub messages: Vec<String>,
 }
 
+/// Clusters counted in a dense vector up to here; above it (a file that a hostile image
+/// made grow sparse, far past its metadata) in a map, so memory follows the references, not
+/// the file size.
+const DENSE_CLUSTERS: u64 = 1 << 24;
+/// One metadata region never spans more clusters than this (qemu's largest tables are a
+/// few MiB); a claim of more is reported instead of counted cluster by cluster.
+const MAX_REGION_CLUSTERS: u64 = 1 << 22;
+
+/// At most this many problem lines are kept (qemu prints every one; a hostile image could
+/// make that millions). The counters still count them all.
+const MAX_MESSAGES: usize = 100_000;
+/// The comparison of stored against counted refcounts visits at most this many clusters
+/// (2^28: 128 GiB of 512-byte clusters, 16 TiB of 64 KiB ones); past it the check stops
+/// with a check error instead of running for minutes on a hostile image.
+const MAX_COMPARED: u64 = 1 << 28;
+
+fn note(rep: &mut CheckReport, msg: String) {
+    if rep.messages.len() < MAX_MESSAGES {
+        rep.messages.push(msg);
+    }
+}
+
 struct Counter {
-    refs: Vec<u32>,
+    dense: Vec<u32>,
+    sparse: std::collections::BTreeMap<u64, u32>,
+    /// One past the highest cluster counted.
+    end: u64,
     cs_bits: u32,
     file_clusters: u64,
 }
 
 impl Counter {
+    fn new(cs_bits: u32, file_clusters: u64) -> Self {
+        Counter {
+            dense: Vec::new(),
+            sparse: std::collections::BTreeMap::new(),
+            end: 0,
+            cs_bits,
+            file_clusters,
+        }
+    }
+
+    /// References counted for cluster `c`.
+    fn get(&self, c: u64) -> u32 {
+        if c < DENSE_CLUSTERS {
+            usize::try_from(c)
+                .ok()
+                .and_then(|i| self.dense.get(i))
+                .copied()
+                .unwrap_or(0)
+        } else {
+            self.sparse.get(&c).copied().unwrap_or(0)
+        }
+    }
+
+    fn bump(&mut self, c: u64) {
+        self.end = self.end.max(c + 1);
+        match usize::try_from(c) {
+            Ok(i) if c < DENSE_CLUSTERS => {
+                if i >= self.dense.len() {
+                    self.dense.resize(i + 1, 0);
+                }
+                self.dense[i] = self.dense[i].saturating_add(1);
+            }
+            _ => {
+                let n = self.sparse.entry(c).or_insert(0);
+                *n = n.saturating_add(1);
+            }
+        }
+    }
+
+    /// Counted clusters at or above `from` with their counts, in order.
+    fn counted_from(&self, from: u64) -> Vec<(u64, u32)> {
+        let mut out: Vec<(u64, u32)> = (0u64..)
+            .zip(self.dense.iter().copied())
+            .skip(usize::try_from(from).unwrap_or(usize::MAX))
+            .filter(|&(_, n)| n > 0)
+            .collect();
+        out.extend(
+            self.sparse
+                .range(from.max(DENSE_CLUSTERS)..)
+                .filter(|(_, &n)| n > 0)
+                .map(|(&c, &n)| (c, n)),
+        );
+        out
+    }
+
+    /// Whether no cluster in `[start, end)` was counted.
+    fn none_in(&self, start: u64, end: u64) -> bool {
+        let len = self.dense.len() as u64;
+        let dense_clear = start >= len || {
+            let (a, b) = (
+                usize::try_from(start).unwrap_or(usize::MAX),
+                usize::try_from(end.min(len)).unwrap_or(usize::MAX),
+            );
+            self.dense
+                .get(a..b)
+                .is_none_or(|s| s.iter().all(|&n| n == 0))
+        };
+        dense_clear && self.sparse.range(start..end).next().is_none()
+    }
+
     fn inc(&mut self, off: u64, len: u64, what: &str, rep: &mut CheckReport) -> bool {
         if len == 0 {
             return true;
@@ -58,23 +153,29 @@ impl Counter {
         let first = off >> self.cs_bits;
         let Some(last) = off.checked_add(len - 1).map(|e| e >> self.cs_bits) else {
             rep.corruptions += 1;
-            rep.messages
-                .push(format!("ERROR {what} at offset {off:#x} overflows"));
+            note(rep, format!("ERROR {what} at offset {off:#x} overflows"));
             return false;
         };
         if last >= self.file_clusters {
             rep.corruptions += 1;
-            rep.messages.push(format!(
+            note(
+                rep,
+                format!(
                 "ERROR {what} at offset {off:#x} (length {len}) is past the end of the image file"
-            ));
+            ),
+            );
+            return false;
+        }
+        if last - first >= MAX_REGION_CLUSTERS {
+            rep.corruptions += 1;
+            note(
+                rep,
+                format!("ERROR {what} at offset {off:#x} claims an absurd length ({len} bytes)"),
+            );
             return false;
         }
         for c in first..=last {
-            let i = usize::try_from(c).unwrap_or(usize::MAX);
-            if i >= self.refs.len() {
-                self.refs.resize(i + 1, 0);
-            }
-            self.refs[i] = self.refs[i].saturating_add(1);
+            self.bump(c);
         }
         true
     }
@@ -102,16 +203,20 @@ impl State {
                 // One tree never uses an L2 table twice; walking it again would only let a
                 // hostile image multiply the work.
                 rep.corruptions += 1;
-                rep.messages.push(format!(
+                note(
+                    rep,
+                    format!(
                     "ERROR: L2 table {l2off:#x} is referenced twice by one L1 table (index {i})"
-                ));
+                ),
+                );
                 continue;
             }
             if l2off & (self.cs - 1) != 0 {
                 rep.corruptions += 1;
-                rep.messages.push(format!(
-                    "ERROR: L2 table offset {l2off:#x} unaligned (L1 index: {i:#x})"
-                ));
+                note(
+                    rep,
+                    format!("ERROR: L2 table offset {l2off:#x} unaligned (L1 index: {i:#x})"),
+                );
                 continue;
             }
             if !cnt.inc(l2off, self.cs, "L2 table", rep) {
@@ -121,9 +226,12 @@ impl State {
                 let rc = self.refcount(l2off >> self.cbits)?;
                 if (rc == 1) != (e & COPIED != 0) {
                     rep.corruptions += 1;
-                    rep.messages.push(format!(
+                    note(
+                        rep,
+                        format!(
                         "ERROR OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={e:x} refcount={rc}"
-                    ));
+                    ),
+                    );
                     copied_fixes.push((None, i, if rc == 1 { e | COPIED } else { e & !COPIED }));
                 }
             }
@@ -153,16 +261,19 @@ impl State {
                 let host = entry & OFFSET_MASK;
                 if ext && bitmap & (bitmap >> 32) & 0xffff_ffff != 0 {
                     rep.corruptions += 1;
-                    rep.messages.push(format!(
-                        "ERROR: invalid subcluster bitmap {bitmap:#x} for L2 entry {entry:#x}"
-                    ));
+                    note(
+                        rep,
+                        format!(
+                            "ERROR: invalid subcluster bitmap {bitmap:#x} for L2 entry {entry:#x}"
+                        ),
+                    );
                 }
                 if host == 0 {
                     continue;
                 }
                 if host & (self.cs - 1) != 0 || (!ext && entry & 0x1fe != 0) {
                     rep.corruptions += 1;
-                    rep.messages.push(format!("ERROR offset={host:x}: Cluster is not properly aligned; L2 entry corrupted."));
+                    note(rep, format!("ERROR offset={host:x}: Cluster is not properly aligned; L2 entry corrupted."));
                     continue;
                 }
                 if !cnt.inc(host, self.cs, "data cluster", rep) {
@@ -182,9 +293,12 @@ impl State {
                         } else {
                             "data"
                         };
-                        rep.messages.push(format!(
+                        note(
+                            rep,
+                            format!(
                             "ERROR OFLAG_COPIED {kind} cluster: l2_entry={entry:x} refcount={rc}"
-                        ));
+                        ),
+                        );
                         let fixed = if rc == 1 {
                             entry | COPIED
                         } else {
@@ -260,11 +374,7 @@ impl State {
             ..CheckReport::default()
         };
         let file_clusters = self.file_len().div_ceil(self.cs);
-        let mut cnt = Counter {
-            refs: Vec::new(),
-            cs_bits: self.cbits,
-            file_clusters,
-        };
+        let mut cnt = Counter::new(self.cbits, file_clusters);
         let mut fixes = Vec::new();
         cnt.inc(0, self.cs, "header", &mut rep);
         let l1 = self.l1.clone();
@@ -317,18 +427,32 @@ impl State {
         let mut fix_rc: Vec<(u64, u64)> = Vec::new();
         let covered = self.rc_table.len() as u64 * per;
         let mut last_used = 0u64;
-        let mut blocks_seen = std::collections::HashSet::new();
+        // Like qemu, compare only clusters that lie in the file or are referenced: refcounts
+        // stored for clusters past both describe no storage, and a hostile table can name a
+        // million blocks there.
+        let bound = file_clusters.max(cnt.end);
+        let mut compared = 0u64;
         for ti in 0..self.rc_table.len() as u64 {
+            if ti * per >= bound {
+                break;
+            }
             let entry = self.rc_table[usize::try_from(ti).unwrap_or(0)] & OFFSET_MASK;
             let has = entry != 0;
-            if has
-                && ti * per >= file_clusters.max(cnt.refs.len() as u64)
-                && !blocks_seen.insert(entry)
-            {
-                // A block past the file end that repeats an earlier one: its (leaked)
-                // refcounts were reported already; bounded work for hostile tables.
-                rep.leaks += 1;
-                continue;
+            if !has && cnt.none_in(ti * per, (ti + 1) * per) {
+                continue; // nothing stored, nothing referenced
+            }
+            compared += per;
+            if compared > MAX_COMPARED {
+                rep.check_errors += 1;
+                note(
+                    &mut rep,
+                    format!(
+                        "ERROR the image describes more than {MAX_COMPARED} clusters; \
+                         refcounts past cluster {} were not compared",
+                        ti * per
+                    ),
+                );
+                break;
             }
             let block: Option<Vec<u8>> = if has {
                 self.refcount(ti * per)?;
@@ -337,21 +461,13 @@ impl State {
                 None
             };
             let start = ti * per;
-            let lim = if block.is_some() {
-                per
-            } else {
-                (cnt.refs.len() as u64).saturating_sub(start).min(per)
-            };
+            let lim = bound.saturating_sub(start).min(per);
             for bi in 0..lim {
                 let c = start + bi;
                 let stored = block
                     .as_ref()
                     .map_or(0, |b| rb_get(b, order, usize::try_from(bi).unwrap_or(0)));
-                let want = cnt
-                    .refs
-                    .get(usize::try_from(c).unwrap_or(usize::MAX))
-                    .copied()
-                    .map_or(0, u64::from);
+                let want = u64::from(cnt.get(c));
                 if stored != 0 || want != 0 {
                     last_used = last_used.max(c + 1);
                 }
@@ -360,18 +476,20 @@ impl State {
                 }
                 if stored > want {
                     rep.leaks += 1;
-                    rep.messages.push(format!(
-                        "Leaked cluster {c} refcount={stored} reference={want}"
-                    ));
+                    note(
+                        &mut rep,
+                        format!("Leaked cluster {c} refcount={stored} reference={want}"),
+                    );
                     if mode != RepairMode::None {
                         fix_rc.push((c, want));
                         rep.leaks_fixed += 1;
                     }
                 } else {
                     rep.corruptions += 1;
-                    rep.messages.push(format!(
-                        "ERROR cluster {c} refcount={stored} reference={want}"
-                    ));
+                    note(
+                        &mut rep,
+                        format!("ERROR cluster {c} refcount={stored} reference={want}"),
+                    );
                     if mode == RepairMode::All {
                         fix_rc.push((c, want));
                         rep.corruptions_fixed += 1;
@@ -379,22 +497,17 @@ impl State {
                 }
             }
         }
-        for (c, &want) in cnt
-            .refs
-            .iter()
-            .enumerate()
-            .skip(usize::try_from(covered).unwrap_or(usize::MAX))
-        {
-            if want > 0 {
-                rep.corruptions += 1;
-                rep.messages
-                    .push(format!("ERROR cluster {c} refcount=0 reference={want}"));
-                if mode == RepairMode::All {
-                    fix_rc.push((c as u64, u64::from(want)));
-                    rep.corruptions_fixed += 1;
-                }
-                last_used = last_used.max(c as u64 + 1);
+        for (c, want) in cnt.counted_from(covered) {
+            rep.corruptions += 1;
+            note(
+                &mut rep,
+                format!("ERROR cluster {c} refcount=0 reference={want}"),
+            );
+            if mode == RepairMode::All {
+                fix_rc.push((c, u64::from(want)));
+                rep.corruptions_fixed += 1;
             }
+            last_used = last_used.max(c + 1);
         }
         rep.image_end_offset = last_used << self.cbits;
         if mode == RepairMode::None || self.read_only {
