@@ -50,18 +50,8 @@ impl Qcow2Image {
         Ok(())
     }
 
-    /// Writes guest data (range already checked): in place under the shared lock where the
-    /// clusters allow it, the rest under the exclusive lock.
-    fn write_guest(&self, offset: u64, buf: &[u8]) -> Result<(), Qcow2Error> {
-        let done = self.shared().write_in_place(offset, buf)?;
-        if done < buf.len() {
-            self.lock().write(offset + done as u64, &buf[done..])?;
-        }
-        Ok(())
-    }
-
-    /// Runs `f` on `[offset, offset + len)` rounded out to `align`, through a bounce buffer
-    /// when the range is not aligned already.
+    /// Reads `[offset, offset + len)` rounded out to `align` (an encrypted image's sector),
+    /// through a bounce buffer when the range is not aligned already.
     fn aligned_read(&self, offset: u64, buf: &mut [u8], align: u64) -> Result<(), Qcow2Error> {
         let end = offset + buf.len() as u64;
         let a0 = offset / align * align;
@@ -99,50 +89,56 @@ impl BlockDevice for Qcow2Image {
     }
 
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), DiskError> {
-        let encrypted = {
-            let st = self.shared();
-            check_range(offset, buf.len() as u64, st.hdr.size)?;
-            if st.encrypted && st.cipher.is_none() {
+        // One shared-lock acquisition for the common case: checks and the cached read.
+        let st = self.shared();
+        check_range(offset, buf.len() as u64, st.hdr.size)?;
+        if st.encrypted {
+            if st.cipher.is_none() {
                 return Err(Qcow2Error::KeyRequired.into());
             }
-            st.encrypted
-        };
-        if encrypted {
+            drop(st);
             return Ok(self.aligned_read(offset, buf, CRYPT_SECTOR)?);
         }
-        Ok(self.read_guest(offset, buf)?)
+        let done = st.read_cached(offset, buf)?;
+        drop(st);
+        if done < buf.len() {
+            self.read_guest(offset + done as u64, &mut buf[done..])?;
+        }
+        Ok(())
     }
 
     fn write_at(&self, offset: u64, buf: &[u8]) -> Result<(), DiskError> {
-        {
-            let st = self.shared();
-            if st.read_only {
-                return Err(DiskError::ReadOnly);
-            }
-            check_range(offset, buf.len() as u64, st.hdr.size)?;
-            if buf.is_empty() {
-                return Ok(());
-            }
-            if st.encrypted {
-                match &st.cipher {
-                    None => return Err(Qcow2Error::KeyRequired.into()),
-                    // Refuse before any cluster is allocated.
-                    Some(c) if !c.is_luks() => {
-                        return Err(
-                            Qcow2Error::Crypto(crate::crypto::CryptoError::LegacyWrite).into()
-                        )
-                    }
-                    Some(_) => {}
+        let st = self.shared();
+        if st.read_only {
+            return Err(DiskError::ReadOnly);
+        }
+        check_range(offset, buf.len() as u64, st.hdr.size)?;
+        if buf.is_empty() {
+            return Ok(());
+        }
+        if st.encrypted {
+            match &st.cipher {
+                None => return Err(Qcow2Error::KeyRequired.into()),
+                // Refuse before any cluster is allocated.
+                Some(c) if !c.is_luks() => {
+                    return Err(Qcow2Error::Crypto(crate::crypto::CryptoError::LegacyWrite).into())
                 }
-                let aligned = offset.is_multiple_of(CRYPT_SECTOR)
-                    && (buf.len() as u64).is_multiple_of(CRYPT_SECTOR);
-                if !aligned {
-                    drop(st);
-                    return Ok(aligned_write(&mut self.lock(), offset, buf, CRYPT_SECTOR)?);
-                }
+                Some(_) => {}
+            }
+            let aligned = offset.is_multiple_of(CRYPT_SECTOR)
+                && (buf.len() as u64).is_multiple_of(CRYPT_SECTOR);
+            if !aligned {
+                drop(st);
+                return Ok(aligned_write(&mut self.lock(), offset, buf, CRYPT_SECTOR)?);
             }
         }
-        Ok(self.write_guest(offset, buf)?)
+        // In place under the shared lock where the clusters allow it, the rest exclusively.
+        let done = st.write_in_place(offset, buf)?;
+        drop(st);
+        if done < buf.len() {
+            self.lock().write(offset + done as u64, &buf[done..])?;
+        }
+        Ok(())
     }
 
     fn flush(&self) -> Result<(), DiskError> {
