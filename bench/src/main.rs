@@ -5,6 +5,7 @@
 //! the VMM's peak RSS not counting guest RAM, for kiln and for QEMU's microvm booting the
 //! same probe; and the probe's CPU loop against the same loop run natively.
 
+mod blk;
 mod boot;
 #[path = "../../guest/probe/src/cpuloop.rs"]
 mod cpuloop;
@@ -15,10 +16,13 @@ use std::process::ExitCode;
 fn usage() -> ExitCode {
     eprintln!(
         "usage: kiln-bench boot [--runs N] [--kiln PATH] [--qemu PATH] [--probe PATH]\n\
+         \x20      kiln-bench blk [--runs N] [--secs N] [--size-mib N] [--dir DIR] [--kiln P] [--qemu P] [--probe P]\n\
          \x20      kiln-bench cpuloop ITERS\n\n\
          Runs kiln and qemu-system-x86_64 -M microvm alternately on the probe guest and\n\
          prints medians: time to the first guest line, VMM RSS without guest RAM, and the\n\
          guest CPU loop against the same loop run natively.\n\
+         blk runs the probe's virtio-blk benchmark under kiln (direct and cached) and QEMU\n\
+         microvm against host fio on the same file.\n\
          cpuloop runs the probe's CPU loop natively and prints TSC ticks per iteration."
     );
     ExitCode::from(2)
@@ -29,6 +33,19 @@ fn main() -> ExitCode {
     match args.first().map(String::as_str) {
         Some("boot") => match boot::Options::parse(&args[1..]) {
             Ok(opts) => match boot::run(&opts) {
+                Ok(ok) => ExitCode::from(if ok { 0 } else { 1 }),
+                Err(e) => {
+                    eprintln!("kiln-bench: {e}");
+                    ExitCode::from(1)
+                }
+            },
+            Err(e) => {
+                eprintln!("kiln-bench: {e}");
+                usage()
+            }
+        },
+        Some("blk") => match blk::Options::parse(&args[1..]) {
+            Ok(opts) => match blk::run(&opts) {
                 Ok(ok) => ExitCode::from(if ok { 0 } else { 1 }),
                 Err(e) => {
                     eprintln!("kiln-bench: {e}");
