@@ -137,6 +137,13 @@ impl Poller {
             .ctl(ControlOperation::Modify, fd, EpollEvent::new(events, token))
     }
 
+    /// Stops watching `fd` (a no-op for a descriptor already closed).
+    pub fn remove(&self, fd: RawFd) {
+        let _ = self
+            .epoll
+            .ctl(ControlOperation::Delete, fd, EpollEvent::default());
+    }
+
     /// Waits up to `timeout_ms` (-1: forever) and returns the ready (token, events) pairs.
     pub fn wait(
         &mut self,
