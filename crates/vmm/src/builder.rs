@@ -17,6 +17,7 @@ use kiln_devices::legacy::{AcpiPm, Cmos, SerialPort, I8042};
 use kiln_devices::{Bus, IrqLine, SharedExitHandle};
 use kiln_disk::ImageFormat;
 use kiln_virtio::block::{Block, BlockParams};
+use kiln_virtio::console::{Console, ConsoleBackend, ConsoleParams};
 use kiln_virtio::net::{Net, NetParams};
 use kiln_virtio::rng::Rng;
 use kvm_bindings::{
@@ -25,7 +26,9 @@ use kvm_bindings::{
 use kvm_ioctls::{Cap, Kvm, VmFd};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::config::{BootEntry, DiskFormat, MemorySize, SerialConfig, Transport, VmConfig};
+use crate::config::{
+    BootEntry, ConsoleConfig, DiskFormat, MemorySize, SerialConfig, Transport, VmConfig,
+};
 use crate::console::{EscapeFilter, FdWriter, RawTerminal};
 use crate::devices::DeviceManager;
 use crate::error::{kvm_err, os_err, VmError};
@@ -38,7 +41,6 @@ use crate::vm::{stop_sigset, ConsoleInput, Vm};
 impl Vm {
     /// Builds the VM described by `cfg` and starts its vCPUs.
     pub fn build(cfg: &VmConfig) -> Result<Vm, VmError> {
-        reject_unimplemented(cfg)?;
         let kvm = open_kvm()?;
         let (base_cpuid, phys_bits) = check_host(&kvm, cfg)?;
         log::debug!("creating the VM");
@@ -55,6 +57,7 @@ impl Vm {
         attach_rng(&mut devices, cfg)?;
         attach_disks(&mut devices, cfg)?;
         attach_nets(&mut devices, cfg)?;
+        attach_console(&mut devices, cfg)?;
 
         let entry = load_guest(&mem, cfg, &devices)?;
         log::debug!("entering the kernel through {entry:?}");
@@ -113,15 +116,6 @@ impl Vm {
             slot_thread,
             _kvm: kvm,
         })
-    }
-}
-
-/// Settings the builder cannot honour yet are errors, never silently ignored.
-fn reject_unimplemented(cfg: &VmConfig) -> Result<(), VmError> {
-    let missing = [(cfg.console.is_some(), "--console (virtio-console)")];
-    match missing.iter().find(|(asked, _)| *asked) {
-        Some((_, what)) => Err(VmError::Unsupported(what)),
-        None => Ok(()),
     }
 }
 
@@ -371,6 +365,19 @@ fn attach_nets(devices: &mut DeviceManager, cfg: &VmConfig) -> Result<(), VmErro
         })?;
         devices.attach_virtio(Box::new(net), n.transport)?;
     }
+    Ok(())
+}
+
+/// `--console`: virtio-console with one port.
+fn attach_console(devices: &mut DeviceManager, cfg: &VmConfig) -> Result<(), VmError> {
+    let Some(c) = &cfg.console else { return Ok(()) };
+    let backend = match c {
+        ConsoleConfig::Stdio => ConsoleBackend::Stdio,
+        ConsoleConfig::File(p) => ConsoleBackend::File(p.clone()),
+        ConsoleConfig::Socket(p) => ConsoleBackend::Socket(p.clone()),
+    };
+    let console = Console::new(ConsoleParams::new(backend)).map_err(VmError::Console)?;
+    devices.attach_virtio(Box::new(console), Transport::Pci)?;
     Ok(())
 }
 

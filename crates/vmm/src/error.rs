@@ -88,6 +88,9 @@ pub enum VmError {
         #[source]
         source: kiln_virtio::net::NetError,
     },
+    /// The `--console`.
+    #[error("--console")]
+    Console(#[source] kiln_virtio::console::ConsoleError),
     /// PCI or virtio devices.
     #[error(transparent)]
     Devices(#[from] crate::devices::DeviceError),
@@ -121,9 +124,6 @@ pub enum VmError {
     /// Saved state does not fit this VM.
     #[error("saved state does not fit this VM: {0}")]
     StateMismatch(String),
-    /// A setting that this version of kiln does not implement yet.
-    #[error("{0} is not implemented yet")]
-    Unsupported(&'static str),
     /// vCPUs did not acknowledge a pause or resume.
     #[error("{0} vCPUs did not acknowledge within 10 s")]
     VcpuTimeout(usize),
