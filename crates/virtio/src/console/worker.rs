@@ -114,13 +114,10 @@ pub(crate) fn run(q: ConsoleQueues, shared: Arc<Shared>, stop: &StopSignal) -> C
                 }
                 TOKEN_TX => drain(&w.q.tx),
                 TOKEN_INPUT => {
+                    // Input (or its end, read as EOF) is taken by serve_rx while receive
+                    // buffers exist; the descriptor is not watched otherwise.
                     if set.contains(EventSet::OUT) {
                         w.shared.backend().flush();
-                    }
-                    if set.intersects(EventSet::HANG_UP | EventSet::ERROR)
-                        && !set.contains(EventSet::IN)
-                    {
-                        w.shared.backend().drop_input();
                     }
                 }
                 TOKEN_LISTEN => {}
@@ -168,16 +165,19 @@ impl ConsoleWorker {
             set |= EventSet::OUT;
         }
         drop(b);
-        if current != self.input {
+        // With nothing to watch for, the descriptor is not registered at all: a hang-up is
+        // reported whatever the interest, and unread input must wait for receive buffers.
+        let wanted = current.filter(|_| !set.is_empty());
+        if wanted != self.input {
             if let Some((fd, _)) = self.input.take() {
                 poller.remove(fd);
             }
-            if let Some((fd, _)) = current {
+            if let Some((fd, _)) = wanted {
                 if poller.add_events(fd, TOKEN_INPUT, set).is_ok() {
-                    self.input = current;
+                    self.input = wanted;
                 }
             }
-        } else if let Some((fd, _)) = current {
+        } else if let Some((fd, _)) = wanted {
             let _ = poller.modify(fd, TOKEN_INPUT, set);
         }
     }
