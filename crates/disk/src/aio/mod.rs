@@ -41,6 +41,9 @@ pub struct Completion {
 /// A request queue on one disk. Each virtio queue owns one engine; engines of the same
 /// [`DiskImage`] share the image.
 ///
+/// An engine serves one thread at a time: it may move to another thread only while nothing is
+/// in flight (an I/O thread handing its queue back on pause, say).
+///
 /// Requests queued with the methods below start no later than the next [`AsyncIo::submit`]
 /// and finish in any order. Every queued request yields exactly one [`Completion`], also when
 /// it fails; the methods themselves fail only when the engine cannot take the request at all

@@ -204,10 +204,15 @@ impl AsyncIo for PoolEngine {
             }
             return Ok(());
         }
+        let n = self.pending.len();
         let mut jobs = self.shared.jobs();
         jobs.queue.extend(self.pending.drain(..));
         drop(jobs);
-        self.shared.wake.notify_all();
+        if n == 1 {
+            self.shared.wake.notify_one();
+        } else {
+            self.shared.wake.notify_all();
+        }
         Ok(())
     }
 

@@ -362,3 +362,29 @@ fn engine_choice_is_reported() {
         "sync"
     );
 }
+
+#[test]
+fn an_idle_engine_moves_to_another_thread() {
+    // A queue's engine is created on the VMM thread and served by an I/O thread that is
+    // replaced on pause/resume; io_uring rings bound to one thread must follow.
+    let (_d, p) = raw_image(4 * MIB);
+    for &kind in &ENGINES {
+        let img = open(&p, kind, false, false);
+        let mut e = img.engine(8).unwrap();
+        for round in 0..3u8 {
+            e = std::thread::spawn(move || {
+                let mut data = pattern(8192, round);
+                write(&mut *e, u64::from(round) * MIB, &mut data, 1);
+                assert_eq!(read(&mut *e, u64::from(round) * MIB, 8192, 2), data);
+                e
+            })
+            .join()
+            .unwrap();
+        }
+        assert_eq!(
+            read(&mut *e, 2 * MIB, 8192, 3),
+            pattern(8192, 2),
+            "{kind:?}"
+        );
+    }
+}

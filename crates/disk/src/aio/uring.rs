@@ -73,8 +73,21 @@ impl Slot {
 }
 
 /// io_uring on a raw file or block device.
+///
+/// Where the kernel allows (Linux 6.1+), the ring runs completion work only when its thread
+/// asks for it (`DEFER_TASKRUN`, `SINGLE_ISSUER`): a completing disk then neither interrupts
+/// the I/O thread with an IPI nor wakes it twice; it signals the eventfd, and the next
+/// [`AsyncIo::next_completion`] collects what finished in one system call. Such a ring
+/// belongs to one thread, so it is bound to the first thread that uses it and rebuilt,
+/// while idle, when the engine moves to another thread (a queue restarted after a pause).
 pub struct UringEngine {
     ring: IoUring,
+    /// Entries of the submission ring.
+    entries: u32,
+    /// The ring defers completion work to its thread (see above).
+    deferred: bool,
+    /// The thread the deferred ring is bound to; `None` until first used.
+    owner: Option<std::thread::ThreadId>,
     file: Arc<File>,
     kind: FileKind,
     /// Memory alignment the file needs (O_DIRECT), if any.
@@ -103,17 +116,14 @@ impl UringEngine {
     ) -> Result<Self, AioError> {
         let depth = depth.clamp(1, 4096);
         let entries = u32::try_from(depth.next_power_of_two()).unwrap_or(4096);
-        let ring = IoUring::builder()
-            .setup_cqsize(entries * 2)
-            .build(entries)
-            .map_err(AioError::Uring)?;
         let evt = new_eventfd()?;
-        ring.submitter()
-            .register_eventfd(evt.as_raw_fd())
-            .map_err(AioError::Uring)?;
+        let (ring, deferred) = build_ring(entries, evt.as_raw_fd())?;
         let slots: Vec<Slot> = (0..depth).map(|_| Slot::empty()).collect();
         Ok(UringEngine {
             ring,
+            entries,
+            deferred,
+            owner: None,
             file,
             kind,
             align,
@@ -130,11 +140,45 @@ impl UringEngine {
         IoUring::new(2).is_ok()
     }
 
+    /// Binds a deferred ring to the calling thread, rebuilding it if another thread used it.
+    fn bind(&mut self) -> Result<(), AioError> {
+        if !self.deferred {
+            return Ok(());
+        }
+        let me = std::thread::current().id();
+        match self.owner {
+            Some(t) if t == me => return Ok(()),
+            Some(_) if self.free.len() < self.slots.len() => {
+                // The AsyncIo contract: an engine changes threads only when idle.
+                return Err(AioError::Submit(io::Error::other(
+                    "disk engine used from a second thread while requests are in flight",
+                )));
+            }
+            Some(_) => {
+                let (ring, deferred) = build_ring(self.entries, self.evt.as_raw_fd())?;
+                self.ring = ring;
+                self.deferred = deferred;
+                self.unsubmitted = false;
+                if !deferred {
+                    return Ok(());
+                }
+            }
+            None => {}
+        }
+        self.ring
+            .submitter()
+            .register_enable_rings()
+            .map_err(AioError::Uring)?;
+        self.owner = Some(me);
+        Ok(())
+    }
+
     fn fd(&self) -> types::Fd {
         types::Fd(self.file.as_raw_fd())
     }
 
     fn take_slot(&mut self, user_data: u64, op: Op) -> Result<usize, AioError> {
+        self.bind()?;
         let idx = self
             .free
             .pop()
@@ -414,7 +458,15 @@ impl AsyncIo for UringEngine {
             return Some(c);
         }
         loop {
-            let cqe = self.ring.completion().next()?;
+            let mut cqe = self.ring.completion().next();
+            // Finished requests wait in the kernel until this thread collects them: an enter
+            // with GETEVENTS (submit adds it when TASKRUN is flagged) runs that deferred work;
+            // a failure leaves it for the next call.
+            if cqe.is_none() && self.deferred && self.ring.submission().taskrun() {
+                self.ring.submit().ok()?;
+                cqe = self.ring.completion().next();
+            }
+            let cqe = cqe?;
             let idx = usize::try_from(cqe.user_data()).ok()?;
             if idx >= self.slots.len() {
                 continue;
@@ -424,6 +476,33 @@ impl AsyncIo for UringEngine {
             }
         }
     }
+}
+
+/// A ring of `entries` that signals `evt` on completions, with deferred completion work
+/// (disabled until [`UringEngine::bind`]) where the kernel has it; returns whether it has.
+fn build_ring(entries: u32, evt: RawFd) -> Result<(IoUring, bool), AioError> {
+    let deferred = IoUring::builder()
+        .setup_cqsize(entries * 2)
+        .setup_r_disabled()
+        .setup_single_issuer()
+        .setup_defer_taskrun()
+        .setup_taskrun_flag()
+        .build(entries);
+    let (ring, deferred) = match deferred {
+        Ok(r) => (r, true),
+        // Older kernels refuse these flags (EINVAL): an ordinary ring works everywhere.
+        Err(_) => (
+            IoUring::builder()
+                .setup_cqsize(entries * 2)
+                .build(entries)
+                .map_err(AioError::Uring)?,
+            false,
+        ),
+    };
+    ring.submitter()
+        .register_eventfd(evt)
+        .map_err(AioError::Uring)?;
+    Ok((ring, deferred))
 }
 
 fn errno_result(res: i32) -> io::Result<u32> {

