@@ -21,7 +21,7 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::tap::{Tap, VNET_HDR_LEN};
-use crate::common::chain::{self, read_stream, Desc};
+use crate::common::chain::{self, read_stream, Desc, Taken};
 use crate::common::worker::{Poller, StopSignal};
 use crate::common::{push_iovecs, signal_used};
 
@@ -35,6 +35,8 @@ const TOKEN_STOP: u64 = 4;
 const MAX_IOVECS: usize = 1024;
 /// Most descriptors in one chain.
 const MAX_DESCS: usize = 1024;
+/// Most transmit chains taken in one pass over the available ring.
+const TX_BATCH: usize = 64;
 /// Largest frame without TSO (Ethernet with a VLAN tag), plus the header.
 const SMALL_FRAME: usize = VNET_HDR_LEN + 1518;
 /// Largest TSO frame, plus the header.
@@ -95,6 +97,8 @@ struct PairWorker {
     shared: Arc<Shared>,
     tap: Arc<Tap>,
     descs: Vec<Desc>,
+    /// Transmit chains of the current batch (their descriptors are in `descs`).
+    taken: Vec<Taken>,
     iovecs: Vec<libc::iovec>,
     pool: Vec<RxChain>,
     pool_capacity: usize,
@@ -112,6 +116,7 @@ pub(crate) fn run(p: NetPair, shared: Arc<Shared>, stop: &StopSignal) -> NetPair
         shared,
         tap,
         descs: Vec::with_capacity(16),
+        taken: Vec::with_capacity(TX_BATCH),
         iovecs: Vec::with_capacity(64),
         pool: Vec::new(),
         pool_capacity: 0,
@@ -406,45 +411,51 @@ impl PairWorker {
         'outer: loop {
             let _ = txq.queue.disable_notification(&mem);
             loop {
-                let c = match chain::pop(&mut txq.queue, &mem, txq.index) {
-                    Ok(Some(c)) => c,
-                    Ok(None) => break,
+                let n = match chain::pop_batch(
+                    &mut txq.queue,
+                    &mem,
+                    txq.index,
+                    TX_BATCH,
+                    MAX_DESCS,
+                    &mut self.descs,
+                    &mut self.taken,
+                ) {
+                    Ok(0) => break,
+                    Ok(n) => n,
                     Err(e) => {
                         self.fail(&format!("virtio-net: {e}"));
                         break 'outer;
                     }
                 };
-                let head = match chain::collect(c, MAX_DESCS, txq.index, &mut self.descs) {
-                    Ok(h) => h,
-                    Err(e) => {
-                        self.fail(&format!("virtio-net: {e}"));
+                for i in 0..n {
+                    let Taken { head, descs } = self.taken[i].clone();
+                    if self.descs[descs.clone()].iter().any(|d| d.writable) {
+                        self.fail(&format!(
+                            "virtio-net queue {}: transmit chain {head} has a device-writable buffer",
+                            txq.index
+                        ));
                         break 'outer;
                     }
-                };
-                if self.descs.iter().any(|d| d.writable) {
-                    self.fail(&format!(
-                        "virtio-net queue {}: transmit chain {head} has a device-writable buffer",
-                        txq.index
-                    ));
-                    break 'outer;
-                }
-                match self.send(head) {
-                    Ok(true) => {}
-                    Ok(false) => {
-                        // The tap is full: retry this chain when it can take more.
-                        txq.queue
-                            .set_next_avail(txq.queue.next_avail().wrapping_sub(1));
-                        self.want_out = true;
+                    match self.send(head, descs) {
+                        Ok(true) => {}
+                        Ok(false) => {
+                            // The tap is full: retry this chain and the rest of the batch
+                            // when it can take more.
+                            let back = u16::try_from(n - i).unwrap_or(u16::MAX);
+                            txq.queue
+                                .set_next_avail(txq.queue.next_avail().wrapping_sub(back));
+                            self.want_out = true;
+                            break 'outer;
+                        }
+                        Err(()) => {
+                            self.shared.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    sent = true;
+                    if let Err(e) = txq.queue.add_used(&mem, head, 0) {
+                        self.fail(&format!("virtio-net tx: used ring: {e}"));
                         break 'outer;
                     }
-                    Err(()) => {
-                        self.shared.stats.dropped.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-                sent = true;
-                if let Err(e) = txq.queue.add_used(&mem, head, 0) {
-                    self.fail(&format!("virtio-net tx: used ring: {e}"));
-                    break 'outer;
                 }
             }
             match txq.queue.enable_notification(&mem) {
@@ -462,13 +473,13 @@ impl PairWorker {
         self.p.tx = Some(txq);
     }
 
-    /// Writes the frame in `self.descs`; `Ok(false)` when the tap cannot take it now,
+    /// Writes the frame in `self.descs[descs]`; `Ok(false)` when the tap cannot take it now,
     /// `Err` when the frame is dropped.
-    fn send(&mut self, head: u16) -> Result<bool, ()> {
+    fn send(&mut self, head: u16, descs: std::ops::Range<usize>) -> Result<bool, ()> {
         let mem = &self.shared.mem;
         self.iovecs.clear();
         let mut total = 0usize;
-        for d in &self.descs {
+        for d in &self.descs[descs] {
             let len = usize::try_from(d.len).unwrap_or(usize::MAX);
             if push_iovecs(mem, d.addr, len, &mut self.iovecs).is_err() {
                 warn_ratelimited!("virtio-net: transmit chain {head} has a buffer outside RAM");
