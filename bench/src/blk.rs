@@ -2,9 +2,12 @@
 //! against host fio on the same file and against QEMU microvm running the same probe.
 //!
 //! Rows: 4 KiB random read and write IOPS (queue depth 32) and 1 MiB sequential read and
-//! write MB/s. Columns: host fio (io_uring, O_DIRECT), kiln with `direct=on`, kiln through
-//! the page cache, QEMU microvm (aio=io_uring, cache=none). Runs are interleaved and the
-//! median of each cell is printed, with the two ratios the issue sets targets for.
+//! write MB/s. Columns: host fio (io_uring, O_DIRECT), host fio again while one thread spins
+//! on a core (what a guest's polling driver does to its vCPU's core: on a small host this
+//! bounds any VMM once the disk is fast enough that fio needs the CPU), kiln with
+//! `direct=on`, kiln through the page cache, QEMU microvm (aio=io_uring, cache=none). Runs
+//! are interleaved and the median of each cell is printed, with the two ratios the issue sets
+//! targets for.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -184,7 +187,17 @@ fn qemu(o: &Options, img: &Path, m: Mode) -> Result<f64, String> {
     run_guest(c, m, "qemu")
 }
 
-fn fio(o: &Options, img: &Path, m: Mode) -> Result<f64, String> {
+/// Host fio; with `spin`, while a thread of this process spins on one core.
+fn fio(o: &Options, img: &Path, m: Mode, spin: bool) -> Result<f64, String> {
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let spinner = spin.then(|| {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                std::hint::spin_loop();
+            }
+        })
+    });
     let out = Command::new("fio")
         .args([
             "--name=kiln-bench",
@@ -199,8 +212,12 @@ fn fio(o: &Options, img: &Path, m: Mode) -> Result<f64, String> {
         .arg(format!("--bs={}", m.bs))
         .arg(format!("--iodepth={QD}"))
         .arg(format!("--runtime={}", o.secs))
-        .output()
-        .map_err(|e| format!("fio: {e} (Debian package fio)"))?;
+        .output();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    if let Some(t) = spinner {
+        let _ = t.join();
+    }
+    let out = out.map_err(|e| format!("fio: {e} (Debian package fio)"))?;
     let text = String::from_utf8_lossy(&out.stdout);
     let f: Vec<&str> = text.trim().split(';').collect();
     // terse v3: read bw KiB/s at 6, read iops at 7; write bw at 47, write iops at 48.
@@ -260,29 +277,39 @@ fn measure(o: &Options, img: &Path) -> Result<bool, String> {
         o.dir.display()
     );
     println!(
-        "{:<22} {:>12} {:>12} {:>12} {:>12} {:>12} {:>12}",
-        "", "host fio", "kiln direct", "kiln cached", "qemu", "direct/fio", "cached/qemu"
+        "{:<22} {:>12} {:>12} {:>12} {:>12} {:>12} {:>12} {:>12}",
+        "",
+        "host fio",
+        "fio 1 busy",
+        "kiln direct",
+        "kiln cached",
+        "qemu",
+        "direct/fio",
+        "cached/qemu"
     );
     let mut ok = true;
     for m in MODES {
-        let (mut f, mut kd, mut kc, mut q) = (vec![], vec![], vec![], vec![]);
+        let (mut f, mut fb, mut kd, mut kc, mut q) = (vec![], vec![], vec![], vec![], vec![]);
         for _ in 0..o.runs {
-            f.push(fio(o, img, m)?);
+            f.push(fio(o, img, m, false)?);
+            fb.push(fio(o, img, m, true)?);
             kd.push(kiln(o, img, m, true)?);
             kc.push(kiln(o, img, m, false)?);
             q.push(qemu(o, img, m)?);
         }
-        let (f, kd, kc, q) = (
+        let (f, fb, kd, kc, q) = (
             median(&mut f),
+            median(&mut fb),
             median(&mut kd),
             median(&mut kc),
             median(&mut q),
         );
         let unit = if m.iops { "IOPS" } else { "MB/s" };
         println!(
-            "{:<22} {:>12.0} {:>12.0} {:>12.0} {:>12.0} {:>12.3} {:>12.2}   {unit}",
+            "{:<22} {:>12.0} {:>12.0} {:>12.0} {:>12.0} {:>12.0} {:>12.3} {:>12.2}   {unit}",
             m.name,
             f,
+            fb,
             kd,
             kc,
             q,

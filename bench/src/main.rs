@@ -9,6 +9,7 @@ mod blk;
 mod boot;
 #[path = "../../guest/probe/src/cpuloop.rs"]
 mod cpuloop;
+mod net;
 mod proc;
 
 use std::process::ExitCode;
@@ -17,12 +18,15 @@ fn usage() -> ExitCode {
     eprintln!(
         "usage: kiln-bench boot [--runs N] [--kiln PATH] [--qemu PATH] [--probe PATH]\n\
          \x20      kiln-bench blk [--runs N] [--secs N] [--size-mib N] [--dir DIR] [--kiln P] [--qemu P] [--probe P]\n\
+         \x20      kiln-bench net [--runs N] [--secs N] [--kiln P] [--qemu P] [--probe P]\n\
          \x20      kiln-bench cpuloop ITERS\n\n\
          Runs kiln and qemu-system-x86_64 -M microvm alternately on the probe guest and\n\
          prints medians: time to the first guest line, VMM RSS without guest RAM, and the\n\
          guest CPU loop against the same loop run natively.\n\
          blk runs the probe's virtio-blk benchmark under kiln (direct and cached) and QEMU\n\
          microvm against host fio on the same file.\n\
+         net (as root: it creates a tap) runs the probe's virtio-net benchmark, guest to host\n\
+         and host to guest, under kiln and QEMU microvm (vhost=off).\n\
          cpuloop runs the probe's CPU loop natively and prints TSC ticks per iteration."
     );
     ExitCode::from(2)
@@ -46,6 +50,19 @@ fn main() -> ExitCode {
         },
         Some("blk") => match blk::Options::parse(&args[1..]) {
             Ok(opts) => match blk::run(&opts) {
+                Ok(ok) => ExitCode::from(if ok { 0 } else { 1 }),
+                Err(e) => {
+                    eprintln!("kiln-bench: {e}");
+                    ExitCode::from(1)
+                }
+            },
+            Err(e) => {
+                eprintln!("kiln-bench: {e}");
+                usage()
+            }
+        },
+        Some("net") => match net::Options::parse(&args[1..]) {
+            Ok(opts) => match net::run(&opts) {
                 Ok(ok) => ExitCode::from(if ok { 0 } else { 1 }),
                 Err(e) => {
                     eprintln!("kiln-bench: {e}");

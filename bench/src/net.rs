@@ -1,0 +1,432 @@
+//! The network benchmark (issue 4): the probe's ring-3 polling virtio-net driver under kiln
+//! and under QEMU microvm (virtio-net-pci on a tap, vhost=off), on a tap this benchmark
+//! creates and removes.
+//!
+//! Rows: guest → host and host → guest, with full-size (1514-byte) frames for Mbit/s and
+//! minimum-size (60-byte) frames for frames/s. Guest → host: the probe sources UDP frames
+//! addressed to a MAC that is not the host's, so the host kernel drops each one as soon as
+//! the tap hands it over, and counts it (the tap's rx_packets, checked against what the
+//! probe says it sent). Host → guest: a thread here blasts frames into the tap through a
+//! packet socket (sendmmsg, 64 at a time) for as long as the VM runs, and the probe counts
+//! what reaches it. Runs are interleaved and the median of each cell is printed.
+
+use std::ffi::CString;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use crate::proc::median;
+
+const HOST_IP: [u8; 4] = [10, 214, 0, 1];
+const GUEST_IP: [u8; 4] = [10, 214, 0, 2];
+const GUEST_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x6b, 0x69, 0x6c];
+/// Where guest → host frames go: not the tap's MAC, so the host drops them on arrival.
+const SINK_MAC: &str = "02:00:00:00:00:01";
+const BATCH: usize = 64;
+
+/// Command-line options.
+pub struct Options {
+    runs: usize,
+    secs: u64,
+    kiln: PathBuf,
+    qemu: PathBuf,
+    probe: PathBuf,
+}
+
+impl Options {
+    /// Parses `--runs N --secs N --kiln P --qemu P --probe P`.
+    pub fn parse(args: &[String]) -> Result<Options, String> {
+        let mut o = Options {
+            runs: 3,
+            secs: 3,
+            kiln: PathBuf::from("target/x86_64-unknown-linux-gnu/release/kiln"),
+            qemu: PathBuf::from("qemu-system-x86_64"),
+            probe: PathBuf::from("guest/probe/target/x86_64-unknown-linux-gnu/release/probe"),
+        };
+        let mut it = args.iter();
+        while let Some(a) = it.next() {
+            let mut val = || it.next().cloned().ok_or(format!("{a} needs a value"));
+            let num = |v: String| v.parse::<u64>().map_err(|_| format!("{a} needs a number"));
+            match a.as_str() {
+                "--runs" => o.runs = usize::try_from(num(val()?)?).map_err(|_| "--runs")?,
+                "--secs" => o.secs = num(val()?)?,
+                "--kiln" => o.kiln = val()?.into(),
+                "--qemu" => o.qemu = val()?.into(),
+                "--probe" => o.probe = val()?.into(),
+                _ => return Err(format!("unknown option {a}")),
+            }
+        }
+        if o.runs == 0 || o.secs == 0 {
+            return Err("--runs >= 1, --secs >= 1".into());
+        }
+        Ok(o)
+    }
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Dir {
+    GuestToHost,
+    HostToGuest,
+}
+
+#[derive(Clone, Copy)]
+struct Row {
+    name: &'static str,
+    dir: Dir,
+    size: usize,
+}
+
+const ROWS: [Row; 4] = [
+    Row {
+        name: "guest->host 1514 B",
+        dir: Dir::GuestToHost,
+        size: 1514,
+    },
+    Row {
+        name: "guest->host 60 B",
+        dir: Dir::GuestToHost,
+        size: 60,
+    },
+    Row {
+        name: "host->guest 1514 B",
+        dir: Dir::HostToGuest,
+        size: 1514,
+    },
+    Row {
+        name: "host->guest 60 B",
+        dir: Dir::HostToGuest,
+        size: 60,
+    },
+];
+
+/// One measurement: frames per second and Mbit/s of Ethernet frames.
+#[derive(Clone, Copy)]
+struct Rate {
+    fps: f64,
+    mbps: f64,
+}
+
+/// A tap interface with the host's address, removed on drop.
+struct Tap {
+    name: String,
+    index: i32,
+}
+
+impl Tap {
+    fn create() -> Result<Tap, String> {
+        let name = format!("kbn{}", std::process::id() % 100_000);
+        ip(&["tuntap", "add", "dev", &name, "mode", "tap"]).map_err(|e| {
+            format!("{e} (creating a tap needs CAP_NET_ADMIN: run the benchmark as root)")
+        })?;
+        let mut tap = Tap { name, index: 0 };
+        let addr = format!(
+            "{}.{}.{}.{}/24",
+            HOST_IP[0], HOST_IP[1], HOST_IP[2], HOST_IP[3]
+        );
+        ip(&["addr", "add", &addr, "dev", &tap.name])?;
+        ip(&["link", "set", &tap.name, "up"])?;
+        let c = CString::new(tap.name.clone()).map_err(|e| e.to_string())?;
+        // SAFETY: a valid NUL-terminated string that outlives the call.
+        let index = unsafe { libc::if_nametoindex(c.as_ptr()) };
+        tap.index = i32::try_from(index)
+            .ok()
+            .filter(|&i| i > 0)
+            .ok_or(format!("no interface index for {}", tap.name))?;
+        Ok(tap)
+    }
+
+    fn rx_packets(&self) -> u64 {
+        std::fs::read_to_string(format!(
+            "/sys/class/net/{}/statistics/rx_packets",
+            self.name
+        ))
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0)
+    }
+}
+
+impl Drop for Tap {
+    fn drop(&mut self) {
+        let _ = ip(&["link", "del", &self.name]);
+    }
+}
+
+fn ip(args: &[&str]) -> Result<(), String> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .map_err(|e| format!("ip: {e} (Debian package iproute2)"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+fn mac_str(m: [u8; 6]) -> String {
+    m.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+fn ip_str(a: [u8; 4]) -> String {
+    format!("{}.{}.{}.{}", a[0], a[1], a[2], a[3])
+}
+
+fn cmdline(row: Row, secs: u64) -> String {
+    let bench = match row.dir {
+        Dir::GuestToHost => format!(
+            "source,secs={secs},size={},dst={},dst_mac={SINK_MAC}",
+            row.size,
+            ip_str(HOST_IP)
+        ),
+        Dir::HostToGuest => format!("sink,secs={secs}"),
+    };
+    format!(
+        "probe.checks=net probe.net_ip={}/24 probe.net_bench={bench}",
+        ip_str(GUEST_IP)
+    )
+}
+
+/// A UDP frame of `size` bytes (Ethernet header included) from the host to the guest.
+fn frame(size: usize) -> Vec<u8> {
+    let mut f = vec![0u8; size.max(60)];
+    f[0..6].copy_from_slice(&GUEST_MAC);
+    f[6..12].copy_from_slice(&[0x02, 0, 0, 0, 0, 0x02]);
+    f[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
+    let ip_len = u16::try_from(f.len() - 14).unwrap_or(u16::MAX);
+    let ip = &mut f[14..34];
+    ip[0] = 0x45;
+    ip[2..4].copy_from_slice(&ip_len.to_be_bytes());
+    ip[8] = 64;
+    ip[9] = 17;
+    ip[12..16].copy_from_slice(&HOST_IP);
+    ip[16..20].copy_from_slice(&GUEST_IP);
+    let sum = ip
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], c[1]])))
+        .sum::<u32>();
+    let sum = (sum & 0xffff) + (sum >> 16);
+    let sum = !u16::try_from((sum & 0xffff) + (sum >> 16)).unwrap_or(0);
+    ip[10..12].copy_from_slice(&sum.to_be_bytes());
+    let udp_len = ip_len - 20;
+    f[34..36].copy_from_slice(&9000u16.to_be_bytes());
+    f[36..38].copy_from_slice(&9u16.to_be_bytes());
+    f[38..40].copy_from_slice(&udp_len.to_be_bytes());
+    f
+}
+
+/// Sends `size`-byte frames into the tap until `stop`; returns frames the kernel took.
+fn blast(index: i32, size: usize, stop: &AtomicBool) -> Result<u64, String> {
+    let proto = u16::try_from(libc::ETH_P_ALL).unwrap_or(0).to_be();
+    // SAFETY: plain socket creation; the fd is owned below.
+    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(proto)) };
+    if fd < 0 {
+        return Err(format!(
+            "packet socket: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    // SAFETY: fd was just created and is closed only by this OwnedFd.
+    let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
+    // SAFETY: sockaddr_ll is plain data; all-zero is a valid value.
+    let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    sll.sll_family = u16::try_from(libc::AF_PACKET).unwrap_or(0);
+    sll.sll_protocol = proto;
+    sll.sll_ifindex = index;
+    let sll_len = u32::try_from(std::mem::size_of::<libc::sockaddr_ll>()).unwrap_or(0);
+    // SAFETY: sll is a valid sockaddr_ll of the given length that outlives the call.
+    let rc = unsafe { libc::bind(raw, std::ptr::addr_of!(sll).cast(), sll_len) };
+    if rc != 0 {
+        return Err(format!(
+            "bind to the tap: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    let mut f = frame(size);
+    let mut iov = libc::iovec {
+        iov_base: f.as_mut_ptr().cast(),
+        iov_len: f.len(),
+    };
+    // SAFETY: mmsghdr is plain data; every entry is filled in below.
+    let mut msgs: Vec<libc::mmsghdr> = (0..BATCH).map(|_| unsafe { std::mem::zeroed() }).collect();
+    for m in &mut msgs {
+        m.msg_hdr.msg_iov = &mut iov;
+        m.msg_hdr.msg_iovlen = 1;
+    }
+    let mut sent = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        // SAFETY: msgs point at one iovec over `f`; both outlive the call.
+        let n =
+            unsafe { libc::sendmmsg(raw, msgs.as_mut_ptr(), u32::try_from(BATCH).unwrap_or(1), 0) };
+        if n > 0 {
+            sent += u64::try_from(n).unwrap_or(0);
+        } else {
+            std::thread::yield_now();
+        }
+    }
+    Ok(sent)
+}
+
+fn rate(line: &str) -> Option<Rate> {
+    let get = |key: &str| {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(&format!("{key}=")))
+            .and_then(|v| v.parse::<f64>().ok())
+    };
+    Some(Rate {
+        fps: get("fps")?,
+        mbps: get("mbps")?,
+    })
+}
+
+/// Runs one VM command for `row`; returns its rate and the frames it says it sent.
+fn run_vm(mut cmd: Command, row: Row, tap: &Tap, who: &str) -> Result<Rate, String> {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let stop = Arc::new(AtomicBool::new(false));
+    let sender = (row.dir == Dir::HostToGuest).then(|| {
+        let (stop, index, size) = (stop.clone(), tap.index, row.size);
+        std::thread::spawn(move || blast(index, size, &stop))
+    });
+    let rx0 = tap.rx_packets();
+    let out = cmd.output();
+    stop.store(true, Ordering::Relaxed);
+    if let Some(s) = sender {
+        s.join()
+            .map_err(|_| "the frame sender panicked".to_string())??;
+    }
+    let out = out.map_err(|e| format!("{who}: {e}"))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("PROBE net_bench ok "))
+        .ok_or_else(|| {
+            format!(
+                "{who}: no net_bench result:\n{text}\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })?;
+    let r = rate(line).ok_or_else(|| format!("{who}: unreadable {line}"))?;
+    if row.dir == Dir::GuestToHost {
+        // Everything the guest sent must have reached the host.
+        let sent = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("frames="))
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0);
+        let got = tap.rx_packets().saturating_sub(rx0);
+        if got < sent {
+            return Err(format!(
+                "{who}: the guest sent {sent} frames but the host received {got}"
+            ));
+        }
+    }
+    Ok(r)
+}
+
+fn kiln(o: &Options, tap: &Tap, row: Row) -> Result<Rate, String> {
+    let mut c = Command::new(&o.kiln);
+    c.args([
+        "run",
+        "--cpus",
+        "1",
+        "--memory",
+        "512M",
+        "--net",
+        &format!("tap={},mac={}", tap.name, mac_str(GUEST_MAC)),
+        "--cmdline",
+        &cmdline(row, o.secs),
+        "--kernel",
+    ])
+    .arg(&o.probe);
+    run_vm(c, row, tap, "kiln")
+}
+
+fn qemu(o: &Options, tap: &Tap, row: Row) -> Result<Rate, String> {
+    let mut c = Command::new(&o.qemu);
+    c.args([
+        "-M",
+        "microvm,pcie=on",
+        "-enable-kvm",
+        "-smp",
+        "1",
+        "-m",
+        "512M",
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-serial",
+        "stdio",
+        "-netdev",
+        &format!(
+            "tap,id=n0,ifname={},script=no,downscript=no,vhost=off",
+            tap.name
+        ),
+        "-device",
+        &format!("virtio-net-pci,netdev=n0,mac={}", mac_str(GUEST_MAC)),
+        "-append",
+        &cmdline(row, o.secs),
+        "-kernel",
+    ])
+    .arg(&o.probe);
+    run_vm(c, row, tap, "qemu")
+}
+
+/// Runs the benchmark; returns whether kiln reached 1.2 × QEMU on every row.
+pub fn run(o: &Options) -> Result<bool, String> {
+    for p in [&o.kiln, &o.probe] {
+        if !p.exists() {
+            return Err(format!(
+                "{} not found (build it first: see README.md)",
+                p.display()
+            ));
+        }
+    }
+    let tap = Tap::create()?;
+    println!(
+        "network benchmark: probe's polling virtio-net driver on tap {}, {} s per run, {} runs each (medians)",
+        tap.name, o.secs, o.runs
+    );
+    println!(
+        "{:<20} {:>12} {:>10} {:>12} {:>10} {:>8}",
+        "", "kiln fps", "kiln Mb/s", "qemu fps", "qemu Mb/s", "ratio"
+    );
+    let mut ok = true;
+    for row in ROWS {
+        let (mut kf, mut km, mut qf, mut qm) = (vec![], vec![], vec![], vec![]);
+        for _ in 0..o.runs {
+            let k = kiln(o, &tap, row)?;
+            let q = qemu(o, &tap, row)?;
+            kf.push(k.fps);
+            km.push(k.mbps);
+            qf.push(q.fps);
+            qm.push(q.mbps);
+        }
+        let (kf, km, qf, qm) = (
+            median(&mut kf),
+            median(&mut km),
+            median(&mut qf),
+            median(&mut qm),
+        );
+        let ratio = if qf > 0.0 { kf / qf } else { f64::INFINITY };
+        println!(
+            "{:<20} {kf:>12.0} {km:>10.0} {qf:>12.0} {qm:>10.0} {ratio:>8.2}",
+            row.name
+        );
+        ok &= ratio >= 1.2;
+    }
+    println!("target: kiln >= 1.2 x QEMU (vhost=off) on every row");
+    println!("all targets met: {}", if ok { "yes" } else { "NO" });
+    Ok(ok)
+}
