@@ -8,6 +8,7 @@
 mod config;
 mod persist;
 pub mod tap;
+mod txring;
 mod worker;
 
 #[cfg(test)]

@@ -409,3 +409,55 @@ fn constructor_errors_are_clear() {
     assert_eq!(m[0] & 3, 2, "unicast, locally administered");
     let _ = features::VERSION_1;
 }
+
+#[test]
+fn a_burst_of_frames_reaches_the_host_in_order_and_a_bad_one_is_dropped() {
+    // More chains than one transmit batch, posted before a single kick.
+    let mut r = rig(7, u64::MAX);
+    let sock = UdpSocket::bind((r.host_ip, 0)).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let port = sock.local_addr().unwrap().port();
+    let dst = host_mac(r.dev.tap_name());
+    let (guest_ip, host_ip) = (r.guest_ip, r.host_ip);
+    let n = 120u16;
+    let bad = 70u16;
+    for i in 0..n {
+        if i == bad {
+            // A buffer outside guest RAM: that frame is dropped, the others go on.
+            let far = GuestAddress(1 << 40);
+            r.tx.add_chain(&[(far, 12, false), (far, 60, false)]);
+            continue;
+        }
+        let f = udp_frame(dst, guest_ip, host_ip, port, &i.to_be_bytes(), 0);
+        let h = r.tx.buffer(&[0; 12]);
+        let b = r.tx.buffer(&f);
+        r.tx.add_chain(&[(h, 12, false), (b, f.len() as u32, false)]);
+    }
+    r.tx.kick();
+    for _ in 0..n {
+        assert_eq!(r.tx.wait_used().1, 0);
+    }
+    let mut got = Vec::new();
+    let mut buf = [0u8; 16];
+    while let Ok(len) = sock.recv(&mut buf) {
+        assert_eq!(len, 2);
+        got.push(u16::from_be_bytes([buf[0], buf[1]]));
+        if got.len() == usize::from(n - 1) {
+            break;
+        }
+    }
+    let want: Vec<u16> = (0..n).filter(|&i| i != bad).collect();
+    assert_eq!(got, want);
+    assert!(
+        r.irq.reset_reasons().is_empty(),
+        "{:?}",
+        r.irq.reset_reasons()
+    );
+    assert_eq!(
+        r.dev
+            .stats()
+            .dropped
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+}

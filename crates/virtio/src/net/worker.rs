@@ -21,6 +21,7 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::tap::{Tap, VNET_HDR_LEN};
+use super::txring::{Sent, TxRing};
 use crate::common::chain::{self, read_stream, Desc, Taken};
 use crate::common::worker::{Poller, StopSignal};
 use crate::common::{push_iovecs, signal_used};
@@ -99,6 +100,10 @@ struct PairWorker {
     descs: Vec<Desc>,
     /// Transmit chains of the current batch (their descriptors are in `descs`).
     taken: Vec<Taken>,
+    /// Batched transmission (`None`: one writev per frame).
+    txring: Option<TxRing>,
+    /// Transmit chains the tap refused for now, in order: sent before any other.
+    tx_retry: std::collections::VecDeque<(u16, Vec<Desc>)>,
     iovecs: Vec<libc::iovec>,
     pool: Vec<RxChain>,
     pool_capacity: usize,
@@ -117,6 +122,9 @@ pub(crate) fn run(p: NetPair, shared: Arc<Shared>, stop: &StopSignal) -> NetPair
         tap,
         descs: Vec::with_capacity(16),
         taken: Vec::with_capacity(TX_BATCH),
+        // Made here, on the thread that uses it.
+        txring: TxRing::new(TX_BATCH),
+        tx_retry: std::collections::VecDeque::new(),
         iovecs: Vec::with_capacity(64),
         pool: Vec::new(),
         pool_capacity: 0,
@@ -175,6 +183,7 @@ pub(crate) fn run(p: NetPair, shared: Arc<Shared>, stop: &StopSignal) -> NetPair
             }
         }
         if stopping {
+            w.drop_retries();
             break;
         }
         if w.want_in {
@@ -409,6 +418,9 @@ impl PairWorker {
         let mem = self.shared.mem.clone();
         let mut sent = false;
         'outer: loop {
+            if !self.retry_tx(&mut txq, &mem, &mut sent) {
+                break;
+            }
             let _ = txq.queue.disable_notification(&mem);
             loop {
                 let n = match chain::pop_batch(
@@ -427,35 +439,24 @@ impl PairWorker {
                         break 'outer;
                     }
                 };
-                for i in 0..n {
-                    let Taken { head, descs } = self.taken[i].clone();
-                    if self.descs[descs.clone()].iter().any(|d| d.writable) {
-                        self.fail(&format!(
-                            "virtio-net queue {}: transmit chain {head} has a device-writable buffer",
-                            txq.index
-                        ));
-                        break 'outer;
-                    }
-                    match self.send(head, descs) {
-                        Ok(true) => {}
-                        Ok(false) => {
-                            // The tap is full: retry this chain and the rest of the batch
-                            // when it can take more.
-                            let back = u16::try_from(n - i).unwrap_or(u16::MAX);
-                            txq.queue
-                                .set_next_avail(txq.queue.next_avail().wrapping_sub(back));
-                            self.want_out = true;
-                            break 'outer;
-                        }
-                        Err(()) => {
-                            self.shared.stats.dropped.fetch_add(1, Ordering::Relaxed);
-                        }
-                    }
-                    sent = true;
-                    if let Err(e) = txq.queue.add_used(&mem, head, 0) {
-                        self.fail(&format!("virtio-net tx: used ring: {e}"));
-                        break 'outer;
-                    }
+                if let Some(t) = self.taken[..n]
+                    .iter()
+                    .find(|t| self.descs[t.descs.clone()].iter().any(|d| d.writable))
+                {
+                    let reason = format!(
+                        "virtio-net queue {}: transmit chain {} has a device-writable buffer",
+                        txq.index, t.head
+                    );
+                    self.fail(&reason);
+                    break 'outer;
+                }
+                let more = if self.txring.is_some() {
+                    self.send_batch(&mut txq, &mem, n, &mut sent)
+                } else {
+                    self.send_each(&mut txq, &mem, n, &mut sent)
+                };
+                if !more {
+                    break 'outer;
                 }
             }
             match txq.queue.enable_notification(&mem) {
@@ -473,24 +474,203 @@ impl PairWorker {
         self.p.tx = Some(txq);
     }
 
+    /// Sends the `n` chains of the batch one writev each; false when the tap is full (the
+    /// rest of the batch goes back to the available ring) or the queue broke.
+    fn send_each(
+        &mut self,
+        txq: &mut NetQueue,
+        mem: &GuestMemory,
+        n: usize,
+        sent: &mut bool,
+    ) -> bool {
+        for i in 0..n {
+            let Taken { head, descs } = self.taken[i].clone();
+            match self.send(head, descs) {
+                Ok(true) => {}
+                Ok(false) => {
+                    // Retry this chain and the rest of the batch when the tap can take more.
+                    let back = u16::try_from(n - i).unwrap_or(u16::MAX);
+                    txq.queue
+                        .set_next_avail(txq.queue.next_avail().wrapping_sub(back));
+                    self.want_out = true;
+                    return false;
+                }
+                Err(()) => {
+                    self.shared.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            if !self.tx_used(txq, mem, head, sent) {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Sends the `n` chains of the batch through the transmit ring in one system call;
+    /// false when the tap refused some for now (they wait in `tx_retry`) or the queue broke.
+    fn send_batch(
+        &mut self,
+        txq: &mut NetQueue,
+        mem: &GuestMemory,
+        n: usize,
+        sent: &mut bool,
+    ) -> bool {
+        let Some(ring) = self.txring.as_mut() else {
+            return self.send_each(txq, mem, n, sent);
+        };
+        let mut sizes = [0usize; TX_BATCH];
+        for (i, t) in self.taken[..n].iter().enumerate() {
+            let v = ring.frame(i);
+            match map_frame(mem, &self.descs[t.descs.clone()], t.head, v) {
+                Ok(len) => sizes[i] = len,
+                // Dropped: left out of the batch.
+                Err(()) => v.clear(),
+            }
+        }
+        // SAFETY: the iovecs point into guest memory, which stays mapped while `mem` lives.
+        if let Err(e) = unsafe { ring.write_batch(self.tap.fd(), n) } {
+            warn_ratelimited!(
+                "virtio-net: tap {}: batched transmission failed ({e}); writing frames one at \
+                 a time from now on",
+                self.tap.name()
+            );
+            self.txring = None;
+            // What this batch became is unknown: it counts as dropped.
+            for i in 0..n {
+                self.shared.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                if !self.tx_used(txq, mem, self.taken[i].head, sent) {
+                    return false;
+                }
+            }
+            return true;
+        }
+        // Read out first: the loop may give up the ring.
+        let mut results = [None; TX_BATCH];
+        for (i, r) in results[..n].iter_mut().enumerate() {
+            *r = ring.result(i);
+        }
+        for (i, (result, size)) in results[..n].iter().zip(sizes).enumerate() {
+            let head = self.taken[i].head;
+            match *result {
+                Some(Sent::Done) => {
+                    self.shared.stats.tx_frames.fetch_add(1, Ordering::Relaxed);
+                    self.shared
+                        .stats
+                        .tx_bytes
+                        .fetch_add(size as u64, Ordering::Relaxed);
+                }
+                Some(Sent::Again) => {
+                    // Sent again first once the tap can take more. Frames after it in this
+                    // batch that the tap did take went out before it.
+                    let descs = self.descs[self.taken[i].descs.clone()].to_vec();
+                    self.tx_retry.push_back((head, descs));
+                    self.want_out = true;
+                    continue;
+                }
+                Some(Sent::Refused(libc::EOPNOTSUPP)) => {
+                    // A kernel whose tap cannot say EAGAIN without blocking: writev instead.
+                    self.txring = None;
+                    let descs = self.taken[i].descs.clone();
+                    match self.send(head, descs.clone()) {
+                        Ok(true) => {}
+                        Ok(false) => {
+                            let descs = self.descs[descs].to_vec();
+                            self.tx_retry.push_back((head, descs));
+                            self.want_out = true;
+                            continue;
+                        }
+                        Err(()) => {
+                            self.shared.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+                Some(Sent::Refused(errno)) => {
+                    // The tap refuses malformed frames (a bad GSO header, say): drop it.
+                    warn_ratelimited!(
+                        "virtio-net: tap {}: write: {}",
+                        self.tap.name(),
+                        std::io::Error::from_raw_os_error(errno)
+                    );
+                    self.shared.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                }
+                None => {
+                    self.shared.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            if !self.tx_used(txq, mem, head, sent) {
+                return false;
+            }
+        }
+        !self.want_out
+    }
+
+    /// Sends the chains the tap refused earlier, in order; false while it still refuses
+    /// them or the queue broke.
+    fn retry_tx(&mut self, txq: &mut NetQueue, mem: &GuestMemory, sent: &mut bool) -> bool {
+        while let Some((head, descs)) = self.tx_retry.pop_front() {
+            self.descs.clear();
+            self.descs.extend_from_slice(&descs);
+            match self.send(head, 0..descs.len()) {
+                Ok(true) => {}
+                Ok(false) => {
+                    self.tx_retry.push_front((head, descs));
+                    self.want_out = true;
+                    return false;
+                }
+                Err(()) => {
+                    self.shared.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            if !self.tx_used(txq, mem, head, sent) {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Returns transmit chain `head` to the driver.
+    fn tx_used(
+        &mut self,
+        txq: &mut NetQueue,
+        mem: &GuestMemory,
+        head: u16,
+        sent: &mut bool,
+    ) -> bool {
+        *sent = true;
+        if let Err(e) = txq.queue.add_used(mem, head, 0) {
+            self.fail(&format!("virtio-net tx: used ring: {e}"));
+            return false;
+        }
+        true
+    }
+
+    /// On stop: frames still waiting for the tap are dropped, so the driver gets its buffers
+    /// back.
+    fn drop_retries(&mut self) {
+        if self.tx_retry.is_empty() {
+            return;
+        }
+        let Some(mut txq) = self.p.tx.take() else {
+            return;
+        };
+        let mem = self.shared.mem.clone();
+        let mut sent = false;
+        while let Some((head, _)) = self.tx_retry.pop_front() {
+            self.shared.stats.dropped.fetch_add(1, Ordering::Relaxed);
+            if !self.tx_used(&mut txq, &mem, head, &mut sent) {
+                break;
+            }
+        }
+        if sent {
+            signal_used(&mut txq.queue, &mem, &self.shared.interrupt, txq.index);
+        }
+        self.p.tx = Some(txq);
+    }
+
     /// Writes the frame in `self.descs[descs]`; `Ok(false)` when the tap cannot take it now,
     /// `Err` when the frame is dropped.
     fn send(&mut self, head: u16, descs: std::ops::Range<usize>) -> Result<bool, ()> {
-        let mem = &self.shared.mem;
-        self.iovecs.clear();
-        let mut total = 0usize;
-        for d in &self.descs[descs] {
-            let len = usize::try_from(d.len).unwrap_or(usize::MAX);
-            if push_iovecs(mem, d.addr, len, &mut self.iovecs).is_err() {
-                warn_ratelimited!("virtio-net: transmit chain {head} has a buffer outside RAM");
-                return Err(());
-            }
-            total = total.saturating_add(len);
-        }
-        if !(VNET_HDR_LEN..=BIG_FRAME).contains(&total) || self.iovecs.len() > MAX_IOVECS {
-            warn_ratelimited!("virtio-net: transmit chain {head} has a bad length {total}");
-            return Err(());
-        }
+        let total = map_frame(&self.shared.mem, &self.descs[descs], head, &mut self.iovecs)?;
         let r = self.tap.write_frame(&self.iovecs);
         self.iovecs.clear();
         match r {
@@ -600,6 +780,31 @@ fn ack_address(descs: &[Desc]) -> Option<GuestAddress> {
         .0
         .checked_add(u64::from(last.len) - 1)
         .map(GuestAddress)
+}
+
+/// Maps a transmit chain's buffers into `out` (cleared first); returns the frame's length
+/// with its header, or `Err` (logged) when a buffer lies outside RAM or the length is wrong.
+fn map_frame(
+    mem: &GuestMemory,
+    descs: &[Desc],
+    head: u16,
+    out: &mut Vec<libc::iovec>,
+) -> Result<usize, ()> {
+    out.clear();
+    let mut total = 0usize;
+    for d in descs {
+        let len = usize::try_from(d.len).unwrap_or(usize::MAX);
+        if push_iovecs(mem, d.addr, len, out).is_err() {
+            warn_ratelimited!("virtio-net: transmit chain {head} has a buffer outside RAM");
+            return Err(());
+        }
+        total = total.saturating_add(len);
+    }
+    if !(VNET_HDR_LEN..=BIG_FRAME).contains(&total) || out.len() > MAX_IOVECS {
+        warn_ratelimited!("virtio-net: transmit chain {head} has a bad length {total}");
+        return Err(());
+    }
+    Ok(total)
 }
 
 /// Writes `data` at byte `offset` of the memory `iovecs` describe.
