@@ -5,10 +5,10 @@
 //! [`worker`]). The control queue (with MQ) switches the number of active pairs by attaching
 //! and detaching tap queues.
 
+mod batch;
 mod config;
 mod persist;
 pub mod tap;
-mod txring;
 mod worker;
 
 #[cfg(test)]

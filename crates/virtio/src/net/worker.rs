@@ -20,8 +20,8 @@ use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
+use super::batch::{Sent, TapRing};
 use super::tap::{Tap, VNET_HDR_LEN};
-use super::txring::{Sent, TxRing};
 use crate::common::chain::{self, read_stream, Desc, Taken};
 use crate::common::worker::{Poller, StopSignal};
 use crate::common::{push_iovecs, signal_used};
@@ -38,6 +38,8 @@ const MAX_IOVECS: usize = 1024;
 const MAX_DESCS: usize = 1024;
 /// Most transmit chains taken in one pass over the available ring.
 const TX_BATCH: usize = 64;
+/// Most receive chains filled in one batch.
+const RX_BATCH: usize = 64;
 /// Largest frame without TSO (Ethernet with a VLAN tag), plus the header.
 const SMALL_FRAME: usize = VNET_HDR_LEN + 1518;
 /// Largest TSO frame, plus the header.
@@ -101,7 +103,14 @@ struct PairWorker {
     /// Transmit chains of the current batch (their descriptors are in `descs`).
     taken: Vec<Taken>,
     /// Batched transmission (`None`: one writev per frame).
-    txring: Option<TxRing>,
+    txring: Option<TapRing>,
+    /// Batched reception (`None`: one readv per frame).
+    rxring: Option<TapRing>,
+    /// Receive chains of the current batch and their descriptors.
+    rx_taken: Vec<Taken>,
+    rx_descs: Vec<Desc>,
+    /// Room to move a frame between two receive chains.
+    scratch: Vec<u8>,
     /// Transmit chains the tap refused for now, in order: sent before any other.
     tx_retry: std::collections::VecDeque<(u16, Vec<Desc>)>,
     iovecs: Vec<libc::iovec>,
@@ -123,7 +132,11 @@ pub(crate) fn run(p: NetPair, shared: Arc<Shared>, stop: &StopSignal) -> NetPair
         descs: Vec::with_capacity(16),
         taken: Vec::with_capacity(TX_BATCH),
         // Made here, on the thread that uses it.
-        txring: TxRing::new(TX_BATCH),
+        txring: TapRing::new(TX_BATCH),
+        rxring: TapRing::new(RX_BATCH),
+        rx_taken: Vec::with_capacity(RX_BATCH),
+        rx_descs: Vec::with_capacity(RX_BATCH),
+        scratch: Vec::new(),
         tx_retry: std::collections::VecDeque::new(),
         iovecs: Vec::with_capacity(64),
         pool: Vec::new(),
@@ -254,7 +267,11 @@ impl PairWorker {
         let mut delivered = false;
         // While buffers last, the driver need not say when it adds more.
         let _ = rxq.queue.disable_notification(&self.shared.mem);
-        loop {
+        let mut dry = false;
+        if self.rxring.is_some() {
+            (delivered, dry) = self.rx_batches(&mut rxq, need);
+        }
+        while !dry && !self.p.broken {
             if let Err(reason) = self.fill_pool(&mut rxq, need) {
                 self.fail(&reason);
                 break;
@@ -312,6 +329,133 @@ impl PairWorker {
             );
         }
         self.p.rx = Some(rxq);
+    }
+
+    /// The batched receive path: takes up to RX_BATCH chains, reads one frame into each in
+    /// one system call, and uses them in order. Returns (whether it delivered a frame,
+    /// whether the tap ran dry or the queue broke); otherwise (out of buffers, a chain that
+    /// cannot hold a whole frame on its own, no ring) the one-at-a-time path goes on.
+    fn rx_batches(&mut self, rxq: &mut NetQueue, need: usize) -> (bool, bool) {
+        let mem = self.shared.mem.clone();
+        let mut delivered = false;
+        loop {
+            let n = match chain::pop_batch(
+                &mut rxq.queue,
+                &mem,
+                rxq.index,
+                RX_BATCH,
+                MAX_DESCS,
+                &mut self.rx_descs,
+                &mut self.rx_taken,
+            ) {
+                Ok(0) => return (delivered, false),
+                Ok(n) => n,
+                Err(e) => {
+                    self.fail(&format!("virtio-net: {e}"));
+                    return (delivered, true);
+                }
+            };
+            let back = |rxq: &mut NetQueue, k: usize| {
+                let k = u16::try_from(k).unwrap_or(u16::MAX);
+                rxq.queue
+                    .set_next_avail(rxq.queue.next_avail().wrapping_sub(k));
+            };
+            if let Some(t) = self.rx_taken[..n]
+                .iter()
+                .find(|t| self.rx_descs[t.descs.clone()].iter().any(|d| !d.writable))
+            {
+                let reason = format!(
+                    "virtio-net queue {}: receive chain {} has a device-readable buffer",
+                    rxq.index, t.head
+                );
+                self.fail(&reason);
+                return (delivered, true);
+            }
+            let Some(ring) = self.rxring.as_mut() else {
+                back(rxq, n);
+                return (delivered, false);
+            };
+            // Every chain must hold a whole frame on its own, inside guest RAM.
+            let mut fits = true;
+            for (i, t) in self.rx_taken[..n].iter().enumerate() {
+                let v = ring.frame(i);
+                let mut capacity = 0usize;
+                for d in &self.rx_descs[t.descs.clone()] {
+                    let len = usize::try_from(d.len).unwrap_or(usize::MAX);
+                    fits &= push_iovecs(&mem, d.addr, len, v).is_ok();
+                    capacity = capacity.saturating_add(len);
+                }
+                fits &= capacity >= need && v.len() <= MAX_IOVECS;
+                if !fits {
+                    break;
+                }
+            }
+            if !fits {
+                back(rxq, n);
+                return (delivered, false);
+            }
+            // SAFETY: the iovecs point into guest memory, mapped while `mem` lives.
+            if let Err(e) = unsafe { ring.run_batch(self.tap.fd(), n, true) } {
+                warn_ratelimited!(
+                    "virtio-net: tap {}: batched reception failed ({e}); reading frames one \
+                     at a time from now on",
+                    self.tap.name()
+                );
+                self.rxring = None;
+                back(rxq, n);
+                return (delivered, false);
+            }
+            let mut results = [None; RX_BATCH];
+            for (i, r) in results[..n].iter_mut().enumerate() {
+                *r = ring.result(i);
+            }
+            // Chains 0..used get the frames in order; a frame read after an empty read (one
+            // that arrived meanwhile) moves down, so the unused chains are the batch's tail.
+            let mut used = 0usize;
+            let (mut dry, mut give_up) = (false, false);
+            for (j, r) in results[..n].iter().enumerate() {
+                match *r {
+                    Some(Sent::Done(len)) if len >= VNET_HDR_LEN && (j == used || len <= need) => {
+                        if j != used {
+                            ring.move_frame(j, used, len, &mut self.scratch);
+                        }
+                        // num_buffers, bytes 10..12 of the header.
+                        write_iovecs(ring.iovecs(used), 10, &1u16.to_le_bytes());
+                        let head = self.rx_taken[used].head;
+                        if let Err(e) =
+                            rxq.queue
+                                .add_used(&mem, head, u32::try_from(len).unwrap_or(u32::MAX))
+                        {
+                            self.fail(&format!("virtio-net rx: used ring: {e}"));
+                            return (delivered, true);
+                        }
+                        self.shared.stats.rx_frames.fetch_add(1, Ordering::Relaxed);
+                        self.shared
+                            .stats
+                            .rx_bytes
+                            .fetch_add(len as u64, Ordering::Relaxed);
+                        used += 1;
+                        delivered = true;
+                    }
+                    Some(Sent::Again) => dry = true,
+                    Some(Sent::Refused(libc::EOPNOTSUPP)) => give_up = true,
+                    Some(Sent::Done(_) | Sent::Refused(_)) => {
+                        // Too short, did not fit or a tap error: that frame is gone.
+                        self.shared.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                    }
+                    None => {}
+                }
+            }
+            back(rxq, n - used);
+            if give_up {
+                // A kernel whose tap cannot answer RWF_NOWAIT: readv from now on.
+                self.rxring = None;
+                return (delivered, false);
+            }
+            if dry {
+                return (delivered, true);
+            }
+        }
     }
 
     /// Takes receive chains until `need` bytes fit (one chain without MRG_RXBUF).
@@ -528,7 +672,7 @@ impl PairWorker {
             }
         }
         // SAFETY: the iovecs point into guest memory, which stays mapped while `mem` lives.
-        if let Err(e) = unsafe { ring.write_batch(self.tap.fd(), n) } {
+        if let Err(e) = unsafe { ring.run_batch(self.tap.fd(), n, false) } {
             warn_ratelimited!(
                 "virtio-net: tap {}: batched transmission failed ({e}); writing frames one at \
                  a time from now on",
@@ -552,7 +696,7 @@ impl PairWorker {
         for (i, (result, size)) in results[..n].iter().zip(sizes).enumerate() {
             let head = self.taken[i].head;
             match *result {
-                Some(Sent::Done) => {
+                Some(Sent::Done(_)) => {
                     self.shared.stats.tx_frames.fetch_add(1, Ordering::Relaxed);
                     self.shared
                         .stats

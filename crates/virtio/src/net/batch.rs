@@ -1,0 +1,179 @@
+//! Frames to and from the tap in batches: one io_uring system call for a whole batch of
+//! chains instead of one writev or readv each. Measured with the probe sourcing 60-byte
+//! frames on this project's 2-core test machine: about 1.0 M frames/s against 0.65-0.78 M
+//! with writev.
+//!
+//! Every request carries RWF_NOWAIT, so a tap that cannot take a frame (or has none) answers
+//! EAGAIN at once instead of io_uring parking the request until it can: each batch is over
+//! when the call returns, and guest memory is never touched after it.
+
+use std::io;
+use std::os::fd::RawFd;
+
+use io_uring::{opcode, types, IoUring};
+
+/// The result of one frame of a batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Sent {
+    /// The tap took (or gave) this many bytes.
+    Done(usize),
+    /// The tap is full (or, reading, empty): try again once it can.
+    Again,
+    /// The tap refused it (a malformed frame, say).
+    Refused(i32),
+}
+
+/// An io_uring for one direction of one queue pair.
+pub(crate) struct TapRing {
+    ring: IoUring,
+    /// Per frame of the batch: the iovecs of its chain (empty: not sent).
+    iovecs: Vec<Vec<libc::iovec>>,
+    results: Vec<Option<i32>>,
+}
+
+// SAFETY: the iovecs hold raw pointers into guest memory only during `write_batch`, which
+// returns after the kernel is done with every request; between calls they are stale values
+// nothing dereferences. The ring itself is Send.
+unsafe impl Send for TapRing {}
+
+impl TapRing {
+    /// A ring for batches of up to `batch` frames; `None` where io_uring cannot be set up
+    /// (then frames go one system call each).
+    pub(crate) fn new(batch: usize) -> Option<TapRing> {
+        let entries = u32::try_from(batch.next_power_of_two()).ok()?;
+        let ring = IoUring::new(entries).ok()?;
+        Some(TapRing {
+            ring,
+            iovecs: (0..batch).map(|_| Vec::new()).collect(),
+            results: vec![None; batch],
+        })
+    }
+
+    /// Frame `i`'s iovecs, emptied, for the caller to fill (or leave empty to skip it).
+    pub(crate) fn frame(&mut self, i: usize) -> &mut Vec<libc::iovec> {
+        let v = &mut self.iovecs[i];
+        v.clear();
+        v
+    }
+
+    /// Frame `i`'s iovecs as last filled.
+    pub(crate) fn iovecs(&self, i: usize) -> &[libc::iovec] {
+        &self.iovecs[i]
+    }
+
+    /// Copies the first `len` bytes of frame `from`'s buffers into frame `to`'s (which the
+    /// caller checked can hold them), through `scratch`.
+    pub(crate) fn move_frame(&self, from: usize, to: usize, len: usize, scratch: &mut Vec<u8>) {
+        scratch.clear();
+        scratch.resize(len, 0);
+        let mut done = 0usize;
+        for v in &self.iovecs[from] {
+            let n = v.iov_len.min(len - done);
+            // SAFETY: the iovec describes guest memory the last batch read into (mapped while
+            // the caller holds the guest memory); n <= iov_len and done + n <= len.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    v.iov_base.cast::<u8>(),
+                    scratch.as_mut_ptr().add(done),
+                    n,
+                )
+            };
+            done += n;
+            if done == len {
+                break;
+            }
+        }
+        let mut done = 0usize;
+        for v in &self.iovecs[to] {
+            let n = v.iov_len.min(len - done);
+            // SAFETY: as above, for the chain written to; n <= iov_len, done + n <= len.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    scratch.as_ptr().add(done),
+                    v.iov_base.cast::<u8>(),
+                    n,
+                )
+            };
+            done += n;
+            if done == len {
+                break;
+            }
+        }
+    }
+
+    /// Writes (or, with `read`, reads) frames `0..n` to (from) `fd`, each with its own
+    /// writev (readv) and empty ones skipped, in one system call; [`TapRing::result`] then
+    /// tells what became of each. Reads run in order, so frames land in the chains in the
+    /// order the tap gave them. An error means the ring itself failed: the caller drops it,
+    /// and the batch's frames may or may not have moved.
+    ///
+    /// # Safety
+    ///
+    /// The iovecs the caller filled in must describe memory that stays readable (writable,
+    /// with `read`) until this returns.
+    pub(crate) unsafe fn run_batch(&mut self, fd: RawFd, n: usize, read: bool) -> io::Result<()> {
+        let n = n.min(self.iovecs.len());
+        self.results.fill(None);
+        let mut queued = 0usize;
+        for (i, v) in self.iovecs[..n].iter().enumerate() {
+            if v.is_empty() {
+                continue;
+            }
+            let count =
+                u32::try_from(v.len()).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+            // Offset -1: a stream; RWF_NOWAIT: never parked (see the module comment).
+            let entry = if read {
+                opcode::Readv::new(types::Fd(fd), v.as_ptr(), count)
+                    .offset(u64::MAX)
+                    .rw_flags(libc::RWF_NOWAIT)
+                    .build()
+            } else {
+                opcode::Writev::new(types::Fd(fd), v.as_ptr(), count)
+                    .offset(u64::MAX)
+                    .rw_flags(libc::RWF_NOWAIT)
+                    .build()
+            }
+            .user_data(i as u64);
+            // SAFETY: the entry points at `v` (kept in self, untouched until this returns)
+            // and at memory the caller keeps valid until then.
+            if unsafe { self.ring.submission().push(&entry) }.is_err() {
+                // Cannot happen: the ring has an entry per frame and is empty between calls.
+                return Err(io::Error::other("transmit ring full"));
+            }
+            queued += 1;
+        }
+        let mut done = 0usize;
+        while done < queued {
+            match self.ring.submit_and_wait(queued - done) {
+                Ok(_) => {}
+                // Interrupted, or short of kernel memory or completion space for a moment
+                // (collecting completions below makes room).
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::EINTR | libc::EAGAIN | libc::EBUSY)
+                    ) => {}
+                Err(e) => return Err(e),
+            }
+            for cqe in self.ring.completion() {
+                if let Some(r) = usize::try_from(cqe.user_data())
+                    .ok()
+                    .and_then(|i| self.results.get_mut(i))
+                {
+                    *r = Some(cqe.result());
+                    done += 1;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// What became of frame `i` of the last batch (`None`: it was skipped).
+    pub(crate) fn result(&self, i: usize) -> Option<Sent> {
+        self.results.get(i).copied().flatten().map(|res| match res {
+            r if r >= 0 => Sent::Done(usize::try_from(r).unwrap_or(0)),
+            r if r == -libc::EAGAIN => Sent::Again,
+            r => Sent::Refused(r.saturating_neg()),
+        })
+    }
+}
