@@ -12,7 +12,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::proc::median;
+use crate::proc::{median, qemu_microvm};
 
 /// Command-line options.
 pub struct Options {
@@ -156,34 +156,16 @@ fn kiln(o: &Options, img: &Path, m: Mode, direct: bool) -> Result<f64, String> {
 }
 
 fn qemu(o: &Options, img: &Path, m: Mode) -> Result<f64, String> {
-    let mut c = Command::new(&o.qemu);
     let drive = format!(
         "if=none,id=d0,file={},format=raw,aio=io_uring,cache=none",
         img.display()
     );
-    c.args([
-        "-M",
-        "microvm,pcie=on",
-        "-enable-kvm",
-        "-smp",
-        "1",
-        "-m",
-        "512M",
-        "-nodefaults",
-        "-no-user-config",
-        "-display",
-        "none",
-        "-serial",
-        "stdio",
-        "-drive",
-        &drive,
-        "-device",
-        "virtio-blk-pci,drive=d0",
-        "-append",
+    let c = qemu_microvm(
+        &o.qemu,
+        &o.probe,
         &probe_cmdline(m, o.secs),
-        "-kernel",
-    ])
-    .arg(&o.probe);
+        &["-drive", &drive, "-device", "virtio-blk-pci,drive=d0"],
+    );
     run_guest(c, m, "qemu")
 }
 

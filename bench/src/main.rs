@@ -32,48 +32,30 @@ fn usage() -> ExitCode {
     ExitCode::from(2)
 }
 
+/// Runs one benchmark: exit 0 when its targets were met, 1 when not or on an error, 2 for
+/// bad options.
+fn bench<O>(opts: Result<O, String>, run: impl FnOnce(O) -> Result<bool, String>) -> ExitCode {
+    match opts {
+        Ok(opts) => match run(opts) {
+            Ok(ok) => ExitCode::from(if ok { 0 } else { 1 }),
+            Err(e) => {
+                eprintln!("kiln-bench: {e}");
+                ExitCode::from(1)
+            }
+        },
+        Err(e) => {
+            eprintln!("kiln-bench: {e}");
+            usage()
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
-        Some("boot") => match boot::Options::parse(&args[1..]) {
-            Ok(opts) => match boot::run(&opts) {
-                Ok(ok) => ExitCode::from(if ok { 0 } else { 1 }),
-                Err(e) => {
-                    eprintln!("kiln-bench: {e}");
-                    ExitCode::from(1)
-                }
-            },
-            Err(e) => {
-                eprintln!("kiln-bench: {e}");
-                usage()
-            }
-        },
-        Some("blk") => match blk::Options::parse(&args[1..]) {
-            Ok(opts) => match blk::run(&opts) {
-                Ok(ok) => ExitCode::from(if ok { 0 } else { 1 }),
-                Err(e) => {
-                    eprintln!("kiln-bench: {e}");
-                    ExitCode::from(1)
-                }
-            },
-            Err(e) => {
-                eprintln!("kiln-bench: {e}");
-                usage()
-            }
-        },
-        Some("net") => match net::Options::parse(&args[1..]) {
-            Ok(opts) => match net::run(&opts) {
-                Ok(ok) => ExitCode::from(if ok { 0 } else { 1 }),
-                Err(e) => {
-                    eprintln!("kiln-bench: {e}");
-                    ExitCode::from(1)
-                }
-            },
-            Err(e) => {
-                eprintln!("kiln-bench: {e}");
-                usage()
-            }
-        },
+        Some("boot") => bench(boot::Options::parse(&args[1..]), |o| boot::run(&o)),
+        Some("blk") => bench(blk::Options::parse(&args[1..]), |o| blk::run(&o)),
+        Some("net") => bench(net::Options::parse(&args[1..]), |o| net::run(&o)),
         Some("cpuloop") => match args.get(1).and_then(|n| n.parse::<u64>().ok()) {
             Some(iters) if iters > 0 => {
                 println!("{:.3}", boot::native_tsc_per_iter(iters));

@@ -16,7 +16,7 @@ use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use crate::proc::median;
+use crate::proc::{median, qemu_microvm};
 
 const HOST_IP: [u8; 4] = [10, 214, 0, 1];
 const GUEST_IP: [u8; 4] = [10, 214, 0, 2];
@@ -366,33 +366,17 @@ fn kiln(o: &Options, tap: &Tap, row: Row) -> Result<Rate, String> {
 }
 
 fn qemu(o: &Options, tap: &Tap, row: Row) -> Result<Rate, String> {
-    let mut c = Command::new(&o.qemu);
-    c.args([
-        "-M",
-        "microvm,pcie=on",
-        "-enable-kvm",
-        "-smp",
-        "1",
-        "-m",
-        "512M",
-        "-nodefaults",
-        "-no-user-config",
-        "-display",
-        "none",
-        "-serial",
-        "stdio",
-        "-netdev",
-        &format!(
-            "tap,id=n0,ifname={},script=no,downscript=no,vhost=off",
-            tap.name
-        ),
-        "-device",
-        &format!("virtio-net-pci,netdev=n0,mac={}", mac_str(GUEST_MAC)),
-        "-append",
+    let netdev = format!(
+        "tap,id=n0,ifname={},script=no,downscript=no,vhost=off",
+        tap.name
+    );
+    let device = format!("virtio-net-pci,netdev=n0,mac={}", mac_str(GUEST_MAC));
+    let c = qemu_microvm(
+        &o.qemu,
+        &o.probe,
         &cmdline(row, o.secs),
-        "-kernel",
-    ])
-    .arg(&o.probe);
+        &["-netdev", &netdev, "-device", &device],
+    );
     run_vm(c, row, tap, "qemu")
 }
 

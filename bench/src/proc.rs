@@ -118,3 +118,34 @@ pub fn median(v: &mut [f64]) -> f64 {
         n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
     }
 }
+
+/// `qemu-system-x86_64 -M microvm` (PCIe, KVM, 1 vCPU, 512 MiB, serial on stdout, no
+/// default devices) booting `probe` with `cmdline`, plus `devices` (its -drive/-netdev and
+/// -device arguments).
+pub fn qemu_microvm(
+    qemu: &std::path::Path,
+    probe: &std::path::Path,
+    cmdline: &str,
+    devices: &[&str],
+) -> std::process::Command {
+    let mut c = std::process::Command::new(qemu);
+    c.args([
+        "-M",
+        "microvm,pcie=on",
+        "-enable-kvm",
+        "-smp",
+        "1",
+        "-m",
+        "512M",
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-serial",
+        "stdio",
+    ])
+    .args(devices)
+    .args(["-append", cmdline, "-kernel"])
+    .arg(probe);
+    c
+}

@@ -629,7 +629,7 @@ impl PairWorker {
     ) -> bool {
         for i in 0..n {
             let Taken { head, descs } = self.taken[i].clone();
-            match self.send(head, descs) {
+            match self.send_one(txq, mem, head, descs, sent) {
                 Ok(true) => {}
                 Ok(false) => {
                     // Retry this chain and the rest of the batch when the tap can take more.
@@ -639,15 +639,35 @@ impl PairWorker {
                     self.want_out = true;
                     return false;
                 }
-                Err(()) => {
-                    self.shared.stats.dropped.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-            if !self.tx_used(txq, mem, head, sent) {
-                return false;
+                Err(()) => return false,
             }
         }
         true
+    }
+
+    /// Sends the chain whose descriptors are `self.descs[descs]` with one writev and returns
+    /// it to the driver (also when its frame is dropped); `Ok(false)` when the tap cannot
+    /// take it now (the chain stays unused), `Err` when the queue broke.
+    fn send_one(
+        &mut self,
+        txq: &mut NetQueue,
+        mem: &GuestMemory,
+        head: u16,
+        descs: std::ops::Range<usize>,
+        sent: &mut bool,
+    ) -> Result<bool, ()> {
+        match self.send(head, descs) {
+            Ok(true) => {}
+            Ok(false) => return Ok(false),
+            Err(()) => {
+                self.shared.stats.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        if self.tx_used(txq, mem, head, sent) {
+            Ok(true)
+        } else {
+            Err(())
+        }
     }
 
     /// Sends the `n` chains of the batch through the transmit ring in one system call;
@@ -754,19 +774,14 @@ impl PairWorker {
         while let Some((head, descs)) = self.tx_retry.pop_front() {
             self.descs.clear();
             self.descs.extend_from_slice(&descs);
-            match self.send(head, 0..descs.len()) {
+            match self.send_one(txq, mem, head, 0..descs.len(), sent) {
                 Ok(true) => {}
                 Ok(false) => {
                     self.tx_retry.push_front((head, descs));
                     self.want_out = true;
                     return false;
                 }
-                Err(()) => {
-                    self.shared.stats.dropped.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-            if !self.tx_used(txq, mem, head, sent) {
-                return false;
+                Err(()) => return false,
             }
         }
         true
