@@ -2,9 +2,9 @@
 //!
 //! Each wake-up (a driver notification, disk completions, or a stop request) does the same
 //! round: collect finished disk requests into the used ring, take every available chain the
-//! engine has room for (with driver notifications suppressed while doing so), starting each as
-//! soon as it is built, collect what finished inline (page-cache hits), then signal the driver
-//! once if it wants to be told. After a round that did work, the thread keeps polling
+//! engine has room for (with driver notifications suppressed while doing so), starting them a
+//! few at a time as they are built, collect what finished inline (page-cache hits), then
+//! signal the driver once if it wants to be told. After a round that did work, the thread keeps polling
 //! the available ring and the engine for a short while (`poll_us`) with notifications still
 //! suppressed, so a driver that keeps the queue busy never has to exit to notify.
 
@@ -31,6 +31,8 @@ pub(crate) const MAX_ZERO_SEGMENTS: u32 = 16;
 const MAX_DESCS: usize = 1024;
 /// Most iovecs in one engine request.
 const MAX_IOVECS: usize = 1024;
+/// Requests started together (see `serve`).
+const SUBMIT_BATCH: usize = 4;
 
 const TOKEN_QUEUE: u64 = 0;
 const TOKEN_DISK: u64 = 1;
@@ -195,6 +197,7 @@ impl QueueWorker {
     fn serve(&mut self) -> bool {
         let mem = self.shared.mem.clone();
         let mut took = false;
+        let mut unsubmitted = 0usize;
         loop {
             if let Err(e) = self.q.queue.disable_notification(&mem) {
                 self.fail(&format!(
@@ -211,11 +214,18 @@ impl QueueWorker {
                             self.fail(&reason);
                             return took;
                         }
-                        // Start each request at once: submitting a batch holds its first
-                        // request back in the host's block layer until the last one is
-                        // built (measured: 60 us more latency per request at depth 32).
-                        if let Err(e) = self.q.engine.submit() {
-                            self.engine_failed(&e);
+                        // Start requests a few at a time: one big batch holds its first
+                        // request back in the host's block layer until the last is built
+                        // (measured: 60 us more latency per request at depth 32), while one
+                        // system call and one host disk notification per request cost CPU
+                        // (4K random writes: 0.53 x host fio one at a time, 0.75 four at a
+                        // time; reads 0.99 and 0.97).
+                        unsubmitted += 1;
+                        if unsubmitted == SUBMIT_BATCH {
+                            unsubmitted = 0;
+                            if let Err(e) = self.q.engine.submit() {
+                                self.engine_failed(&e);
+                            }
                         }
                     }
                     Ok(None) => break,
