@@ -40,6 +40,8 @@ const MAX_DESCS: usize = 1024;
 const TX_BATCH: usize = 64;
 /// Most receive chains filled in one batch.
 const RX_BATCH: usize = 64;
+/// Fewest receive chains tried in one batch.
+const RX_BATCH_MIN: usize = 4;
 /// Largest frame without TSO (Ethernet with a VLAN tag), plus the header.
 const SMALL_FRAME: usize = VNET_HDR_LEN + 1518;
 /// Largest TSO frame, plus the header.
@@ -106,6 +108,8 @@ struct PairWorker {
     txring: Option<TapRing>,
     /// Batched reception (`None`: one readv per frame).
     rxring: Option<TapRing>,
+    /// Receive chains to try in the next batch.
+    rx_batch: usize,
     /// Receive chains of the current batch and their descriptors.
     rx_taken: Vec<Taken>,
     rx_descs: Vec<Desc>,
@@ -134,6 +138,7 @@ pub(crate) fn run(p: NetPair, shared: Arc<Shared>, stop: &StopSignal) -> NetPair
         // Made here, on the thread that uses it.
         txring: TapRing::new(TX_BATCH),
         rxring: TapRing::new(RX_BATCH),
+        rx_batch: RX_BATCH_MIN,
         rx_taken: Vec::with_capacity(RX_BATCH),
         rx_descs: Vec::with_capacity(RX_BATCH),
         scratch: Vec::new(),
@@ -343,7 +348,7 @@ impl PairWorker {
                 &mut rxq.queue,
                 &mem,
                 rxq.index,
-                RX_BATCH,
+                self.rx_batch,
                 MAX_DESCS,
                 &mut self.rx_descs,
                 &mut self.rx_taken,
@@ -447,6 +452,13 @@ impl PairWorker {
                 }
             }
             back(rxq, n - used);
+            // A read past the last frame still costs a trip through the tap: size the next
+            // batch by what this one found.
+            self.rx_batch = if used == n {
+                (self.rx_batch * 2).min(RX_BATCH)
+            } else {
+                (used + 1).next_power_of_two().clamp(RX_BATCH_MIN, RX_BATCH)
+            };
             if give_up {
                 // A kernel whose tap cannot answer RWF_NOWAIT: readv from now on.
                 self.rxring = None;
