@@ -1,6 +1,6 @@
 //! Kernel command line: `probe.*` options. Other words are ignored.
 //!
-//! - `probe.checks=boot,acpi,smp,mem,cpu,rtc,pci,rng,blk,net,console,hostile`
+//! - `probe.checks=boot,acpi,smp,mem,cpu,rtc,pci,rng,blk,net,console,hostile,msix`
 //!   (default: the first six; the PCI and virtio checks run only when named)
 //! - `probe.mem=full|sample` (default full)
 //! - `probe.cpu_iters=N` (default [`crate::cpu::DEFAULT_ITERS`])
@@ -32,11 +32,12 @@ pub enum Check {
     Net,
     Console,
     Hostile,
+    Msix,
 }
 
 impl Check {
     /// Every check, in the order they run and report.
-    pub const ALL: [Check; 12] = [
+    pub const ALL: [Check; 13] = [
         Check::Boot,
         Check::Acpi,
         Check::Smp,
@@ -49,6 +50,7 @@ impl Check {
         Check::Net,
         Check::Console,
         Check::Hostile,
+        Check::Msix,
     ];
     /// The checks that run when `probe.checks` is not given.
     pub const DEFAULT: [Check; 6] = [Check::Boot, Check::Acpi, Check::Smp, Check::Mem, Check::Cpu, Check::Rtc];
@@ -67,6 +69,7 @@ impl Check {
             Check::Net => "net",
             Check::Console => "console",
             Check::Hostile => "hostile",
+            Check::Msix => "msix",
         }
     }
 
@@ -121,12 +124,14 @@ impl Options {
 
     /// Whether any virtio device check is selected.
     pub fn needs_virtio(&self) -> bool {
-        [Check::Rng, Check::Blk, Check::Net, Check::Console, Check::Hostile].iter().any(|&c| self.enabled(c))
+        [Check::Rng, Check::Blk, Check::Net, Check::Console, Check::Hostile, Check::Msix]
+            .iter()
+            .any(|&c| self.enabled(c))
     }
 
     /// Whether any check that needs PCI enumeration is selected.
     pub fn needs_pci(&self) -> bool {
-        [Check::Pci, Check::Rng, Check::Blk, Check::Net, Check::Console, Check::Hostile]
+        [Check::Pci, Check::Rng, Check::Blk, Check::Net, Check::Console, Check::Hostile, Check::Msix]
             .iter()
             .any(|&c| self.enabled(c))
     }
@@ -257,6 +262,9 @@ mod tests {
         assert_eq!(parse(b"probe.end=triplefault").0.end, End::TripleFault);
         assert_eq!(parse(b"probe.end=reset").0.end, End::Reset);
         assert_eq!(parse(b"probe.end=never").1, 1);
+        let (m, fails) = parse(b"probe.checks=msix");
+        assert_eq!(fails, 0);
+        assert!(m.enabled(Check::Msix) && m.needs_pci() && m.needs_virtio());
     }
 
     #[test]

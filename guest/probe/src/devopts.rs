@@ -152,6 +152,8 @@ pub struct DevOptions {
     pub qsize: u16,
     /// Move every 64-bit BAR above 4 GiB before the checks.
     pub pci_high: bool,
+    /// The `msix` check enables MSI-X (else it checks that no vector arrives).
+    pub msix_enable: bool,
 }
 
 impl Default for DevOptions {
@@ -171,6 +173,7 @@ impl Default for DevOptions {
             hostile_cases: HostileCase::ALL.iter().fold(0, |m, c| m | c.bit()),
             qsize: 256,
             pci_high: false,
+            msix_enable: true,
         }
     }
 }
@@ -358,6 +361,13 @@ impl DevOptions {
                     _ => return Err(bad()),
                 }
             }
+            b"msix_enable" => {
+                self.msix_enable = match v {
+                    b"0" => false,
+                    b"1" => true,
+                    _ => return Err(bad()),
+                }
+            }
             b"virtio_qsize" => {
                 self.qsize = parse_size(v)
                     .and_then(|n| u16::try_from(n).ok())
@@ -433,5 +443,8 @@ mod tests {
         assert!(apply("virtio_qsize", "100").is_err());
         assert_eq!(apply("virtio_qsize", "64").unwrap().qsize, 64);
         assert_eq!(apply("nope", "1").unwrap_err(), "unknown");
+        assert!(DevOptions::default().msix_enable);
+        assert!(!apply("msix_enable", "0").unwrap().msix_enable);
+        assert!(apply("msix_enable", "off").is_err());
     }
 }

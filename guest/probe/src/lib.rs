@@ -31,6 +31,7 @@ pub mod hostile;
 #[cfg(not(test))]
 mod intrinsics;
 pub mod io;
+pub mod lapic;
 pub mod mem;
 pub mod netpkt;
 pub mod paging;

@@ -82,6 +82,13 @@ extern "C" fn probe_main(entry: u64, info: u64) -> ! {
             Check::Cpu => cpu::check(opts.cpu_iters, tsc),
             Check::Rtc => rtc::check(),
             Check::Pci => pci::check(pci.as_ref(), boot.e820(), &acpi),
+            Check::Msix => match dma.as_mut() {
+                Some(dma) => virtio::msix::check(pci.as_ref().ok(), &devs, opts.dev.msix_enable, dma, &clock),
+                None => {
+                    emit!("PROBE msix fail no RAM below 4 GiB for virtqueues");
+                    false
+                }
+            },
             dev => match dma.as_mut() {
                 Some(dma) => virtio_check(dev, &devs, dma, &clock, &opts.dev, edge),
                 None => {

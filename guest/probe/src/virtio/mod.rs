@@ -5,6 +5,7 @@ pub mod blk;
 pub mod blkbench;
 pub mod console;
 pub mod mmio;
+pub mod msix;
 pub mod net;
 pub mod pci;
 pub mod queue;

@@ -3,7 +3,8 @@
 //! Addresses are guest-physical and identity mapped, so the rings are plain
 //! memory here (and in host tests, where a test plays the device). Interrupts
 //! are suppressed (`VRING_AVAIL_F_NO_INTERRUPT`; with EVENT_IDX the used event
-//! is left far behind) and completions are found by polling `used.idx`.
+//! is left far behind; only the `msix` check asks for them, with
+//! [`Virtqueue::want_interrupts`]) and completions are found by polling `used.idx`.
 //! Notifications honour `VRING_USED_F_NO_NOTIFY` or, with EVENT_IDX,
 //! `avail_event`, so a batch of requests costs at most one notification.
 
@@ -142,6 +143,17 @@ impl Virtqueue {
             wide: false,
             kicks: 0,
         }
+    }
+
+    /// Asks the device to interrupt after the next completion (the `msix`
+    /// check): clears `VRING_AVAIL_F_NO_INTERRUPT` and, for EVENT_IDX, sets the
+    /// used event to the next used index. Every other driver keeps the
+    /// suppression set up in [`Self::new`].
+    pub fn want_interrupts(&mut self) {
+        wr16(self.rings.avail, 0);
+        wr16(self.rings.avail + 4 + 2 * u64::from(self.size), self.last_used);
+        // The device must see this before the request that follows.
+        fence(Ordering::SeqCst);
     }
 
     /// Notifies with 32-bit writes (virtio-mmio's QueueNotify).
@@ -488,6 +500,26 @@ mod tests {
         q.add(&[Seg::inp(0x1000, 8)]).unwrap();
         assert!(!q.kick(), "1 -> 2 does not cross 5");
         assert_eq!(q.kicks, 1);
+    }
+
+    #[test]
+    fn want_interrupts_clears_the_flag_and_asks_for_the_next_completion() {
+        let (_m, mut q, _) = setup(8, false, true);
+        let r = q.rings();
+        assert_eq!(rd16(r.avail), AVAIL_F_NO_INTERRUPT);
+        let (mut last_avail, mut used) = (0u16, 0u16);
+        for _ in 0..3 {
+            let head = q.add(&[Seg::inp(0x1000, 64)]).unwrap();
+            q.kick();
+            device_take(&q, &mut last_avail).unwrap();
+            device_complete(&q, &mut used, head, 64);
+            q.poll().unwrap().unwrap();
+        }
+        q.want_interrupts();
+        assert_eq!(rd16(r.avail), 0);
+        let used_event = rd16(r.avail + 4 + 2 * 8);
+        assert_eq!(used_event, 3);
+        assert!(need_event(used_event, 4, 3), "the next completion interrupts");
     }
 
     #[test]

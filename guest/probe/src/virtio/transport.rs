@@ -2,7 +2,8 @@
 //! MMIO (version 2 register block). Status handshake, feature negotiation,
 //! queue setup. No interrupts: on PCI, MSI-X stays disabled with every vector
 //! NO_VECTOR and INTx is disabled in the command register; on MMIO nothing
-//! is acknowledged.
+//! is acknowledged. Only the `msix` check (virtio/msix.rs) assigns a vector,
+//! through [`Transport::set_queue_vector`].
 
 use crate::clock::Clock;
 use crate::dma::Dma;
@@ -269,6 +270,18 @@ impl Transport {
                 wr32(base + mmio::QUEUE_READY, 1);
             }
         }
+    }
+
+    /// Assigns MSI-X table entry `vector` (or [`NO_VECTOR`]) to queue `index`
+    /// and returns what the device reads back: `NO_VECTOR` if it refused.
+    /// Only the `msix` check uses vectors; virtio-mmio has none.
+    pub fn set_queue_vector(&self, index: u16, vector: u16) -> Result<u16, Reason> {
+        let Regs::Pci { common: c, .. } = self.regs else {
+            return Err(reason!("{}: virtio-mmio has no MSI-X vectors", self.id));
+        };
+        self.select_queue(index);
+        Self::common_write(c, common::QUEUE_MSIX_VECTOR, 2, u32::from(vector));
+        Ok(Self::common_read(c, common::QUEUE_MSIX_VECTOR, 2) as u16)
     }
 
     /// Whether queue `index` reads back as enabled (and, on PCI, with `size`).

@@ -1,0 +1,163 @@
+//! The calling CPU's local APIC as ring 3 reaches it: xAPIC registers by
+//! MMIO (the LAPIC page is identity mapped and user-accessible), x2APIC
+//! registers as MSRs through the ring-0 service gate. The `msix` check uses
+//! it to hold interrupts off with the task priority and to read the IRR.
+
+use crate::io::{mmio_read32, mmio_write32};
+use crate::util::Reason;
+use crate::{reason, ring0};
+
+const MSR_APIC_BASE: u32 = 0x1b;
+const APIC_BASE_ENABLE: u64 = 1 << 11;
+const APIC_BASE_X2APIC: u64 = 1 << 10;
+/// First x2APIC MSR: xAPIC offset `o` is MSR `X2APIC_MSR_BASE + o / 16`.
+const X2APIC_MSR_BASE: u32 = 0x800;
+
+/// Register offsets in the xAPIC page.
+const REG_ID: u32 = 0x20;
+const REG_TPR: u32 = 0x80;
+const REG_SVR: u32 = 0xf0;
+const REG_IRR: u32 = 0x200;
+
+/// SVR: APIC software enable, spurious vector 0xff (its IDT entry just returns).
+const SVR_ENABLE_SPURIOUS_FF: u32 = 0x1ff;
+
+/// The task priority that holds back every vector: a fixed interrupt is only
+/// delivered when its priority class (vector >> 4) is above the TPR's, and
+/// 0xf is the highest class. Signalled vectors then stay pending in the IRR.
+pub const TPR_BLOCK_ALL: u32 = 0xf0;
+
+/// The xAPIC register offset and bit of `vector` in the IRR.
+pub fn irr_bit(vector: u8) -> (u32, u32) {
+    (REG_IRR + 0x10 * (u32::from(vector) / 32), u32::from(vector) % 32)
+}
+
+/// The MSI address that targets APIC id `id` (physical destination mode,
+/// redirection hint off): 0xFEE0_0000 with the id in bits 19:12. `None`
+/// above 255 (that needs the extended destination id, which we do not use).
+pub fn msi_address(id: u32) -> Option<u32> {
+    (id <= 0xff).then_some(0xfee0_0000 | (id << 12))
+}
+
+/// How the APIC is addressed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Lapic {
+    /// xAPIC mode: registers at this (identity-mapped) physical base.
+    X(u64),
+    /// x2APIC mode: registers are MSRs.
+    X2,
+}
+
+impl Lapic {
+    /// The mode the VMM left the APIC in (IA32_APIC_BASE).
+    pub fn current() -> Result<Lapic, Reason> {
+        let base = ring0::rdmsr(MSR_APIC_BASE);
+        if base & APIC_BASE_ENABLE == 0 {
+            return Err(reason!("local APIC globally disabled (APIC_BASE={:#x})", base));
+        }
+        if base & APIC_BASE_X2APIC != 0 {
+            return Ok(Lapic::X2);
+        }
+        let addr = base & 0x000f_ffff_ffff_f000;
+        if addr >= 1 << 32 {
+            return Err(reason!("xAPIC base {:#x} above 4 GiB (outside the identity map)", addr));
+        }
+        Ok(Lapic::X(addr))
+    }
+
+    pub fn mode_name(&self) -> &'static str {
+        match self {
+            Lapic::X(_) => "xapic",
+            Lapic::X2 => "x2apic",
+        }
+    }
+
+    /// Reads the register at xAPIC offset `reg` (its low 32 bits in x2APIC mode).
+    fn read(&self, reg: u32) -> u32 {
+        match *self {
+            // SAFETY: `base` is the APIC page below 4 GiB, identity mapped by
+            // the static page tables; the registers read here (ID, TPR, SVR,
+            // IRR) have no read side effects.
+            Lapic::X(base) => unsafe { mmio_read32(base + u64::from(reg)) },
+            Lapic::X2 => ring0::rdmsr(X2APIC_MSR_BASE + reg / 16) as u32,
+        }
+    }
+
+    /// Writes the register at xAPIC offset `reg`.
+    ///
+    /// # Safety
+    /// The write must be one the probe means (TPR, SVR here): other APIC
+    /// registers send IPIs or arm timers.
+    unsafe fn write(&self, reg: u32, value: u32) {
+        match *self {
+            // SAFETY: as in `read`; the caller vouches for the register.
+            Lapic::X(base) => unsafe { mmio_write32(base + u64::from(reg), value) },
+            // SAFETY: the x2APIC MSR of the same register; the caller vouches for it.
+            Lapic::X2 => unsafe { ring0::wrmsr(X2APIC_MSR_BASE + reg / 16, u64::from(value)) },
+        }
+    }
+
+    /// This CPU's APIC id as MSI destinations name it.
+    pub fn id(&self) -> u32 {
+        match self {
+            Lapic::X(_) => self.read(REG_ID) >> 24,
+            Lapic::X2 => self.read(REG_ID),
+        }
+    }
+
+    /// Sets SVR's software-enable bit: a software-disabled APIC drops fixed
+    /// interrupts instead of keeping them in the IRR.
+    pub fn software_enable(&self) {
+        let svr = self.read(REG_SVR);
+        // SAFETY: enabling the APIC with spurious vector 0xff, whose IDT gate
+        // only returns; nothing else in SVR changes.
+        unsafe { self.write(REG_SVR, svr | SVR_ENABLE_SPURIOUS_FF) };
+    }
+
+    pub fn tpr(&self) -> u32 {
+        self.read(REG_TPR) & 0xff
+    }
+
+    pub fn set_tpr(&self, tpr: u32) {
+        // SAFETY: the task priority only decides which pending interrupts are
+        // delivered; raising it delivers none.
+        unsafe { self.write(REG_TPR, tpr & 0xff) };
+    }
+
+    /// Whether `vector` is pending in the IRR.
+    pub fn irr_has(&self, vector: u8) -> bool {
+        let (reg, bit) = irr_bit(vector);
+        self.read(reg) & (1 << bit) != 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn irr_bits_follow_the_register_layout() {
+        assert_eq!(irr_bit(0x00), (0x200, 0));
+        assert_eq!(irr_bit(0x41), (0x220, 1));
+        assert_eq!(irr_bit(0x5f), (0x220, 31));
+        assert_eq!(irr_bit(0xff), (0x270, 31));
+        // The x2APIC MSR of IRR[2] is 0x822.
+        assert_eq!(X2APIC_MSR_BASE + irr_bit(0x41).0 / 16, 0x822);
+        assert_eq!(X2APIC_MSR_BASE + REG_TPR / 16, 0x808);
+    }
+
+    #[test]
+    fn msi_addresses_carry_the_destination_id() {
+        assert_eq!(msi_address(0), Some(0xfee0_0000));
+        assert_eq!(msi_address(3), Some(0xfee0_3000));
+        assert_eq!(msi_address(255), Some(0xfeef_f000));
+        assert_eq!(msi_address(256), None);
+    }
+
+    #[test]
+    fn tpr_f0_holds_back_every_vector_class() {
+        // Delivered only when the vector's class is above the TPR's class.
+        let delivered = |v: u32| v >> 4 > TPR_BLOCK_ALL >> 4;
+        assert!((0x10..=0xff).all(|v| !delivered(v)));
+    }
+}
