@@ -7,9 +7,9 @@ use crate::io::{mmio_read32, mmio_write32};
 use crate::util::Reason;
 use crate::{reason, ring0};
 
-const MSR_APIC_BASE: u32 = 0x1b;
-const APIC_BASE_ENABLE: u64 = 1 << 11;
-const APIC_BASE_X2APIC: u64 = 1 << 10;
+pub(crate) const MSR_APIC_BASE: u32 = 0x1b;
+pub(crate) const APIC_BASE_ENABLE: u64 = 1 << 11;
+pub(crate) const APIC_BASE_X2APIC: u64 = 1 << 10;
 /// First x2APIC MSR: xAPIC offset `o` is MSR `X2APIC_MSR_BASE + o / 16`.
 const X2APIC_MSR_BASE: u32 = 0x800;
 

@@ -14,15 +14,13 @@ use core::sync::atomic::Ordering;
 use crate::acpi::Madt;
 use crate::bootinfo::E820Entry;
 use crate::io::{cpuid, mmio_read32, mmio_write32, pause, rdtsc};
+use crate::lapic::{APIC_BASE_ENABLE, APIC_BASE_X2APIC, MSR_APIC_BASE};
 use crate::ranges::{Reserved, PAGE};
 use crate::ring0::{self, AP_IDS_MAX, PROBE_AP_IDS, PROBE_AP_SLOT, PROBE_AP_STARTED};
 use crate::tsc::Tsc;
 use crate::util::{IdList, Reason};
 use crate::{emit, reason};
 
-const MSR_APIC_BASE: u32 = 0x1b;
-const APIC_BASE_ENABLE: u64 = 1 << 11;
-const APIC_BASE_X2APIC: u64 = 1 << 10;
 const XAPIC_SVR: u64 = 0xf0;
 const XAPIC_ICR_LO: u64 = 0x300;
 const XAPIC_ICR_HI: u64 = 0x310;
