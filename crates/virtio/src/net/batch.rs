@@ -31,9 +31,10 @@ pub(crate) struct TapRing {
     results: Vec<Option<i32>>,
 }
 
-// SAFETY: the iovecs hold raw pointers into guest memory only during `write_batch`, which
-// returns after the kernel is done with every request; between calls they are stale values
-// nothing dereferences. The ring itself is Send.
+// SAFETY: the iovecs hold raw pointers into guest memory that are used only during
+// `run_batch` and `move_frame`, both called by the thread that owns the ring while the guest
+// memory is mapped; `run_batch` returns after the kernel is done with every request. The
+// ring itself is Send.
 unsafe impl Send for TapRing {}
 
 impl TapRing {
@@ -138,7 +139,7 @@ impl TapRing {
             // and at memory the caller keeps valid until then.
             if unsafe { self.ring.submission().push(&entry) }.is_err() {
                 // Cannot happen: the ring has an entry per frame and is empty between calls.
-                return Err(io::Error::other("transmit ring full"));
+                return Err(io::Error::other("tap ring full"));
             }
             queued += 1;
         }
