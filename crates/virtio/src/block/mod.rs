@@ -30,7 +30,7 @@ pub use worker::BlockStats;
 
 use crate::common::read_config_space;
 use crate::common::worker::{stop_all, Worker};
-use crate::common::QueueProgress;
+use crate::common::{state_error, state_from_json, state_to_json, QueueProgress};
 use config::{
     CONFIG_LEN, F_BLK_SIZE, F_DISCARD, F_FLUSH, F_MQ, F_RO, F_SEG_MAX, F_SIZE_MAX, F_TOPOLOGY,
     F_WRITE_ZEROES,
@@ -390,10 +390,7 @@ impl VirtioDevice for Block {
     fn save_state(&self) -> Result<serde_json::Value, VirtioError> {
         let queues = match &self.state {
             State::Running { .. } => {
-                return Err(VirtioError::State {
-                    device: NAME,
-                    reason: "save_state needs the device paused".into(),
-                })
+                return Err(state_error(NAME, "save_state needs the device paused"))
             }
             State::Paused { queues, .. } => queues
                 .iter()
@@ -412,21 +409,15 @@ impl VirtioDevice for Block {
             acked_features: self.acked_features,
             queues,
         };
-        serde_json::to_value(state).map_err(|e| VirtioError::State {
-            device: NAME,
-            reason: e.to_string(),
-        })
+        state_to_json(NAME, &state)
     }
 
     fn restore_state(&mut self, state: serde_json::Value) -> Result<(), VirtioError> {
-        let err = |reason: String| VirtioError::State {
-            device: NAME,
-            reason,
-        };
+        let err = |reason: String| state_error(NAME, reason);
         if !matches!(self.state, State::Idle) {
             return Err(err("restore_state needs an inactive device".into()));
         }
-        let s: BlockState = serde_json::from_value(state).map_err(|e| err(e.to_string()))?;
+        let s: BlockState = state_from_json(NAME, state)?;
         s.check_compatible(&self.config, self.limits.read_only)
             .map_err(err)?;
         self.acked_features = s.acked_features;

@@ -7,7 +7,7 @@ pub(crate) mod worker;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use kiln_devices::virtio::{GuestMemory, InterruptKind, VirtioInterrupt};
+use kiln_devices::virtio::{GuestMemory, InterruptKind, VirtioError, VirtioInterrupt};
 use kiln_devices::warn_ratelimited;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
@@ -118,4 +118,28 @@ pub(crate) fn read_config_space(space: &[u8], offset: u64, data: &mut [u8]) {
     }
     let n = data.len().min(space.len() - off);
     data[..n].copy_from_slice(&space[off..off + n]);
+}
+
+/// A device's saved state as JSON (`save_state`).
+pub(crate) fn state_to_json<T: serde::Serialize>(
+    device: &'static str,
+    state: &T,
+) -> Result<serde_json::Value, VirtioError> {
+    serde_json::to_value(state).map_err(|e| state_error(device, e.to_string()))
+}
+
+/// A device's saved state read back from JSON (`restore_state`).
+pub(crate) fn state_from_json<T: serde::de::DeserializeOwned>(
+    device: &'static str,
+    state: serde_json::Value,
+) -> Result<T, VirtioError> {
+    serde_json::from_value(state).map_err(|e| state_error(device, e.to_string()))
+}
+
+/// A state error of `device`.
+pub(crate) fn state_error(device: &'static str, reason: impl Into<String>) -> VirtioError {
+    VirtioError::State {
+        device,
+        reason: reason.into(),
+    }
 }

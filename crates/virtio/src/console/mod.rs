@@ -17,7 +17,9 @@ use virtio_queue::QueueT;
 pub use backend::{BackendError, ConsoleBackend};
 
 use crate::common::worker::{stop_all, Worker};
-use crate::common::{read_config_space, QueueProgress};
+use crate::common::{
+    read_config_space, state_error, state_from_json, state_to_json, QueueProgress,
+};
 use backend::Backend;
 use worker::{ConsoleQueue, ConsoleQueues, Shared};
 
@@ -262,10 +264,7 @@ impl VirtioDevice for Console {
     fn save_state(&self) -> Result<serde_json::Value, VirtioError> {
         let state = match &self.state {
             State::Running { .. } => {
-                return Err(VirtioError::State {
-                    device: NAME,
-                    reason: "save_state needs the device paused".into(),
-                })
+                return Err(state_error(NAME, "save_state needs the device paused"))
             }
             State::Paused { queues, .. } => ConsoleState {
                 acked_features: self.acked_features,
@@ -280,21 +279,15 @@ impl VirtioDevice for Console {
                 broken: false,
             }),
         };
-        serde_json::to_value(state).map_err(|e| VirtioError::State {
-            device: NAME,
-            reason: e.to_string(),
-        })
+        state_to_json(NAME, &state)
     }
 
     fn restore_state(&mut self, state: serde_json::Value) -> Result<(), VirtioError> {
-        let err = |reason: String| VirtioError::State {
-            device: NAME,
-            reason,
-        };
+        let err = |reason: String| state_error(NAME, reason);
         if !matches!(self.state, State::Idle) {
             return Err(err("restore_state needs an inactive device".into()));
         }
-        let s: ConsoleState = serde_json::from_value(state).map_err(|e| err(e.to_string()))?;
+        let s: ConsoleState = state_from_json(NAME, state)?;
         self.acked_features = s.acked_features;
         self.restored = Some(s);
         Ok(())

@@ -25,7 +25,9 @@ pub use tap::{Tap, TapError};
 pub use worker::NetStats;
 
 use crate::common::worker::{stop_all, Worker};
-use crate::common::{read_config_space, QueueProgress};
+use crate::common::{
+    read_config_space, state_error, state_from_json, state_to_json, QueueProgress,
+};
 use config::{
     config_bytes, guest_takes_big_frames, tap_offloads, CONFIG_LEN, F_CSUM, F_CTRL_VQ,
     F_GUEST_CSUM, F_GUEST_ECN, F_GUEST_TSO4, F_GUEST_TSO6, F_HOST_ECN, F_HOST_TSO4, F_HOST_TSO6,
@@ -388,10 +390,7 @@ impl VirtioDevice for Net {
     fn save_state(&self) -> Result<serde_json::Value, VirtioError> {
         let state = match &self.state {
             State::Running { .. } => {
-                return Err(VirtioError::State {
-                    device: NAME,
-                    reason: "save_state needs the device paused".into(),
-                })
+                return Err(state_error(NAME, "save_state needs the device paused"))
             }
             State::Paused { pairs, .. } => NetState {
                 mac: self.mac,
@@ -416,21 +415,15 @@ impl VirtioDevice for Net {
                 broken_pairs: Vec::new(),
             }),
         };
-        serde_json::to_value(state).map_err(|e| VirtioError::State {
-            device: NAME,
-            reason: e.to_string(),
-        })
+        state_to_json(NAME, &state)
     }
 
     fn restore_state(&mut self, state: serde_json::Value) -> Result<(), VirtioError> {
-        let err = |reason: String| VirtioError::State {
-            device: NAME,
-            reason,
-        };
+        let err = |reason: String| state_error(NAME, reason);
         if !matches!(self.state, State::Idle) {
             return Err(err("restore_state needs an inactive device".into()));
         }
-        let s: NetState = serde_json::from_value(state).map_err(|e| err(e.to_string()))?;
+        let s: NetState = state_from_json(NAME, state)?;
         if s.mac != self.mac {
             return Err(err(format!(
                 "the saved MAC {} differs from this device's {}",

@@ -14,7 +14,7 @@ use virtio_queue::Queue;
 use kiln_devices::virtio::{features, ids, Activation, VirtioDevice, VirtioError};
 
 use crate::common::worker::Worker;
-use crate::common::QueueProgress;
+use crate::common::{state_error, state_from_json, state_to_json, QueueProgress};
 use worker::RngQueue;
 
 /// Most bytes written into one request.
@@ -146,25 +146,16 @@ impl VirtioDevice for Rng {
 
     fn save_state(&self) -> Result<serde_json::Value, VirtioError> {
         if self.worker.is_some() {
-            return Err(VirtioError::State {
-                device: NAME,
-                reason: "state saved while running; pause first".into(),
-            });
+            return Err(state_error(NAME, "state saved while running; pause first"));
         }
         let state = RngState {
             queue: self.queue().map(QueueProgress::of).or(self.restored),
         };
-        serde_json::to_value(state).map_err(|e| VirtioError::State {
-            device: NAME,
-            reason: e.to_string(),
-        })
+        state_to_json(NAME, &state)
     }
 
     fn restore_state(&mut self, state: serde_json::Value) -> Result<(), VirtioError> {
-        let s: RngState = serde_json::from_value(state).map_err(|e| VirtioError::State {
-            device: NAME,
-            reason: e.to_string(),
-        })?;
+        let s: RngState = state_from_json(NAME, state)?;
         self.restored = s.queue;
         Ok(())
     }
