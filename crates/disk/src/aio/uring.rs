@@ -145,7 +145,7 @@ impl UringEngine {
         if !self.deferred {
             return Ok(());
         }
-        let me = std::thread::current().id();
+        let me = current_thread();
         match self.owner {
             Some(t) if t == me => return Ok(()),
             Some(_) if self.free.len() < self.slots.len() => {
@@ -503,6 +503,12 @@ fn build_ring(entries: u32, evt: RawFd) -> Result<(IoUring, bool), AioError> {
         .register_eventfd(evt)
         .map_err(AioError::Uring)?;
     Ok((ring, deferred))
+}
+
+/// The calling thread's id, cached: `bind` asks for it on every request.
+fn current_thread() -> std::thread::ThreadId {
+    thread_local!(static ID: std::thread::ThreadId = std::thread::current().id());
+    ID.with(|id| *id)
 }
 
 fn errno_result(res: i32) -> io::Result<u32> {
