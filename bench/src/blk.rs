@@ -23,10 +23,12 @@ pub struct Options {
     dir: PathBuf,
     size_mib: u64,
     secs: u64,
+    /// Only the rows whose name contains this.
+    only: Option<String>,
 }
 
 impl Options {
-    /// Parses `--runs N --kiln P --qemu P --probe P --dir D --size-mib N --secs N`.
+    /// Parses `--runs N --kiln P --qemu P --probe P --dir D --size-mib N --secs N --only TEXT`.
     pub fn parse(args: &[String]) -> Result<Options, String> {
         let mut o = Options {
             runs: 3,
@@ -36,6 +38,7 @@ impl Options {
             dir: PathBuf::from("/var/tmp"),
             size_mib: 1024,
             secs: 3,
+            only: None,
         };
         let mut it = args.iter();
         while let Some(a) = it.next() {
@@ -46,6 +49,7 @@ impl Options {
                 "--kiln" => o.kiln = val()?.into(),
                 "--qemu" => o.qemu = val()?.into(),
                 "--probe" => o.probe = val()?.into(),
+                "--only" => o.only = Some(val()?),
                 "--dir" => o.dir = val()?.into(),
                 "--size-mib" => o.size_mib = num(val()?)?,
                 "--secs" => o.secs = num(val()?)?,
@@ -271,6 +275,12 @@ fn measure(o: &Options, img: &Path) -> Result<bool, String> {
     );
     let mut ok = true;
     for m in MODES {
+        if o.only
+            .as_ref()
+            .is_some_and(|t| !m.name.contains(t.as_str()))
+        {
+            continue;
+        }
         let (mut f, mut fb, mut kd, mut kc, mut q) = (vec![], vec![], vec![], vec![], vec![]);
         for _ in 0..o.runs {
             f.push(fio(o, img, m, false)?);

@@ -17,8 +17,8 @@ use std::process::ExitCode;
 fn usage() -> ExitCode {
     eprintln!(
         "usage: kiln-bench boot [--runs N] [--kiln PATH] [--qemu PATH] [--probe PATH]\n\
-         \x20      kiln-bench blk [--runs N] [--secs N] [--size-mib N] [--dir DIR] [--kiln P] [--qemu P] [--probe P]\n\
-         \x20      kiln-bench net [--runs N] [--secs N] [--kiln P] [--qemu P] [--probe P]\n\
+         \x20      kiln-bench blk [--runs N] [--secs N] [--size-mib N] [--dir DIR] [--only ROW] [--kiln P] [--qemu P] [--probe P]\n\
+         \x20      kiln-bench net [--runs N] [--secs N] [--only ROW] [--kiln P] [--qemu P] [--probe P]\n\
          \x20      kiln-bench cpuloop ITERS\n\n\
          Runs kiln and qemu-system-x86_64 -M microvm alternately on the probe guest and\n\
          prints medians: time to the first guest line, VMM RSS without guest RAM, and the\n\
@@ -27,6 +27,7 @@ fn usage() -> ExitCode {
          microvm against host fio on the same file.\n\
          net (as root: it creates a tap) runs the probe's virtio-net benchmark, guest to host\n\
          and host to guest, under kiln and QEMU microvm (vhost=off).\n\
+         --only ROW runs only the rows whose name contains ROW (e.g. --only 'host->guest').\n\
          cpuloop runs the probe's CPU loop natively and prints TSC ticks per iteration."
     );
     ExitCode::from(2)

@@ -32,10 +32,12 @@ pub struct Options {
     kiln: PathBuf,
     qemu: PathBuf,
     probe: PathBuf,
+    /// Only the rows whose name contains this.
+    only: Option<String>,
 }
 
 impl Options {
-    /// Parses `--runs N --secs N --kiln P --qemu P --probe P`.
+    /// Parses `--runs N --secs N --kiln P --qemu P --probe P --only TEXT`.
     pub fn parse(args: &[String]) -> Result<Options, String> {
         let mut o = Options {
             runs: 3,
@@ -43,6 +45,7 @@ impl Options {
             kiln: PathBuf::from("target/x86_64-unknown-linux-gnu/release/kiln"),
             qemu: PathBuf::from("qemu-system-x86_64"),
             probe: PathBuf::from("guest/probe/target/x86_64-unknown-linux-gnu/release/probe"),
+            only: None,
         };
         let mut it = args.iter();
         while let Some(a) = it.next() {
@@ -54,6 +57,7 @@ impl Options {
                 "--kiln" => o.kiln = val()?.into(),
                 "--qemu" => o.qemu = val()?.into(),
                 "--probe" => o.probe = val()?.into(),
+                "--only" => o.only = Some(val()?),
                 _ => return Err(format!("unknown option {a}")),
             }
         }
@@ -401,6 +405,12 @@ pub fn run(o: &Options) -> Result<bool, String> {
     );
     let mut ok = true;
     for row in ROWS {
+        if o.only
+            .as_ref()
+            .is_some_and(|t| !row.name.contains(t.as_str()))
+        {
+            continue;
+        }
         let (mut kf, mut km, mut qf, mut qm) = (vec![], vec![], vec![], vec![]);
         for _ in 0..o.runs {
             let k = kiln(o, &tap, row)?;
