@@ -5,6 +5,7 @@
 //! for qcow2), see [`worker`]. Requests: IN, OUT, FLUSH, GET_ID, DISCARD, WRITE_ZEROES.
 
 mod config;
+pub mod fuzzing;
 mod persist;
 mod request;
 mod worker;

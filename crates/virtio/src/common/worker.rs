@@ -26,6 +26,14 @@ impl StopSignal {
         })
     }
 
+    /// A signal already raised: a worker given it serves what is waiting once, finishes
+    /// what it started and returns (the fuzzing entry points run workers this way).
+    pub fn raised() -> std::io::Result<Self> {
+        let s = Self::new()?;
+        s.request();
+        Ok(s)
+    }
+
     /// The eventfd to poll.
     pub fn fd(&self) -> RawFd {
         self.evt.as_raw_fd()

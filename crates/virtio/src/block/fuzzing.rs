@@ -1,0 +1,150 @@
+//! The virtio-blk request path as a fuzzing entry point: one synchronous pass of a queue's
+//! I/O thread over guest memory, a queue layout and requests that the fuzzer chooses. The
+//! same code serves a real guest; only the thread is the caller's and the pass ends once
+//! every request it started has finished.
+//!
+//! Used by `fuzz/fuzz_targets/virtio_blk_queue.rs` and by a unit test that runs it on
+//! pseudo-random inputs.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use kiln_devices::virtio::{GuestMemory, InterruptKind, VirtioInterrupt};
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestAddress};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::worker::{self, BlockQueue, Shared, MAX_ZERO_SEGMENTS};
+use super::Block;
+use crate::common::worker::StopSignal;
+
+/// Bytes of input before the guest memory image.
+pub const HEADER_LEN: usize = 8;
+/// Guest memory the pass runs on.
+pub const MEMORY_LEN: usize = 64 << 10;
+
+/// What one pass did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Outcome {
+    /// The queue layout was accepted (as a transport would accept it).
+    pub ran: bool,
+    /// Chains the driver made available (the available ring's index).
+    pub offered: u16,
+    /// Requests the device completed into the used ring.
+    pub completed: u64,
+    /// The device asked for a reset.
+    pub needs_reset: bool,
+}
+
+/// Records whether the device asked for a reset; interrupts go nowhere.
+#[derive(Default)]
+struct Recorder {
+    reset: std::sync::atomic::AtomicBool,
+}
+
+impl VirtioInterrupt for Recorder {
+    fn trigger(&self, _kind: InterruptKind) -> std::io::Result<()> {
+        Ok(())
+    }
+
+    fn needs_reset(&self, _reason: &str) {
+        self.reset.store(true, Ordering::Relaxed);
+    }
+}
+
+impl Block {
+    /// Runs one pass of queue 0 over `input`, read as:
+    ///
+    /// - byte 0: log2 of the queue size (mod 9: 1 to 256 entries);
+    /// - byte 1: bit 0 negotiates EVENT_IDX; bit 1 takes the ring addresses from bytes 2-7
+    ///   (three little-endian u16 counts of 16-byte units) instead of packing the rings at
+    ///   the start of memory;
+    /// - the rest: guest memory from address 0 ([`MEMORY_LEN`] bytes, zero past the input).
+    ///
+    /// Every guest-supplied address, length and index goes through the device's checks; a
+    /// layout a transport would refuse is not run.
+    pub fn fuzz_pass(&self, input: &[u8]) -> Outcome {
+        let mut out = Outcome {
+            ran: false,
+            offered: 0,
+            completed: 0,
+            needs_reset: false,
+        };
+        let Some(header) = input.get(..HEADER_LEN) else {
+            return out;
+        };
+        let size = 1u16 << (header[0] % 9);
+        let event_idx = header[1] & 1 != 0;
+        let n = u64::from(size);
+        let (desc, avail, used) = if header[1] & 2 != 0 {
+            let at = |i: usize| u64::from(u16::from_le_bytes([header[i], header[i + 1]])) * 16;
+            (at(2), at(4), at(6))
+        } else {
+            let avail = 16 * n;
+            (0, avail, (avail + 6 + 2 * n).div_ceil(4) * 4)
+        };
+        let Ok(mem) = GuestMemory::from_ranges(&[(GuestAddress(0), MEMORY_LEN)]) else {
+            return out;
+        };
+        let image = &input[HEADER_LEN..];
+        let image = &image[..image.len().min(MEMORY_LEN)];
+        if mem.write_slice(image, GuestAddress(0)).is_err() {
+            return out;
+        }
+        let Some(queue) = queue(size, desc, avail, used, event_idx, &mem) else {
+            return out;
+        };
+        out.offered = queue.avail_idx(&mem, Ordering::Acquire).map_or(0, |w| w.0);
+        let depth = usize::from(size) + MAX_ZERO_SEGMENTS as usize;
+        let (Ok(engine), Ok(notify), Ok(stop)) = (
+            self.disk.engine(depth),
+            EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC),
+            StopSignal::raised(),
+        ) else {
+            return out;
+        };
+        let recorder = Arc::new(Recorder::default());
+        let before = self.stats.requests.load(Ordering::Relaxed);
+        let shared = Arc::new(Shared {
+            mem,
+            interrupt: recorder.clone(),
+            limits: self.limits.clone(),
+            poll: std::time::Duration::ZERO,
+            stats: self.stats.clone(),
+            path: self.disk.path().display().to_string(),
+        });
+        let q = BlockQueue {
+            index: 0,
+            queue,
+            notify,
+            engine,
+            broken: false,
+        };
+        // A raised stop signal: the worker serves what is available once, waits for what it
+        // started, and returns.
+        let q = worker::run(q, shared, &stop);
+        out.ran = true;
+        out.completed = self.stats.requests.load(Ordering::Relaxed) - before;
+        out.needs_reset = q.broken || recorder.reset.load(Ordering::Relaxed);
+        out
+    }
+}
+
+/// The queue a transport would hand over for this layout, or `None` where it would refuse.
+fn queue(
+    size: u16,
+    desc: u64,
+    avail: u64,
+    used: u64,
+    event_idx: bool,
+    mem: &GuestMemory,
+) -> Option<Queue> {
+    let mut q = Queue::new(size).ok()?;
+    q.try_set_size(size).ok()?;
+    q.try_set_desc_table_address(GuestAddress(desc)).ok()?;
+    q.try_set_avail_ring_address(GuestAddress(avail)).ok()?;
+    q.try_set_used_ring_address(GuestAddress(used)).ok()?;
+    q.set_event_idx(event_idx);
+    q.set_ready(true);
+    q.is_valid(mem).then_some(q)
+}
