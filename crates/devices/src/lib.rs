@@ -1,20 +1,22 @@
 //! kiln devices: address-range buses, the one trait every device implements, and the legacy
 //! PC devices (16550 serial, i8042, CMOS RTC, ACPI power management).
 //!
-//! Devices know nothing about KVM. They raise interrupts through [`IrqLine`] (an eventfd the
-//! VMM wires to an irqfd) and ask for power-off or reset through [`ExitHandle`].
+//! Devices know nothing about KVM. They raise interrupts through [`IrqLine`] (edge) or
+//! [`LevelIrqLine`] (level, with [`Resample`]): eventfds the VMM wires to irqfds. They ask
+//! for power-off or reset through [`ExitHandle`].
 
 pub mod bus;
 pub mod hooks;
+mod irq;
 pub mod legacy;
 pub mod pci;
 pub mod ratelimit;
 pub mod virtio;
 
 pub use bus::{Bus, BusDevice, BusError};
+pub use irq::{IrqLine, LevelIrqLine, Resample};
 
 use std::sync::Arc;
-use vmm_sys_util::eventfd::EventFd;
 
 /// What a device may ask of the whole VM.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -49,29 +51,5 @@ pub(crate) mod test_util {
         fn request(&self, r: ExitRequest) {
             self.0.lock().unwrap().push(r);
         }
-    }
-}
-
-/// An edge-triggered interrupt line: an eventfd the VMM registers as a KVM irqfd.
-#[derive(Debug)]
-pub struct IrqLine(EventFd);
-
-impl IrqLine {
-    /// Wraps `evt`.
-    pub fn new(evt: EventFd) -> Self {
-        Self(evt)
-    }
-
-    /// The eventfd, to register with KVM.
-    pub fn eventfd(&self) -> &EventFd {
-        &self.0
-    }
-}
-
-impl vm_superio::Trigger for IrqLine {
-    type E = std::io::Error;
-
-    fn trigger(&self) -> std::io::Result<()> {
-        self.0.write(1)
     }
 }

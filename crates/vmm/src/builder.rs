@@ -250,6 +250,10 @@ fn attach_legacy_devices(
         ),
         SerialConfig::None => Box::new(std::io::sink()),
     };
+    // COM1 stays an edge (a plain irqfd pulse), unlike INTx and virtio-mmio: ISA IRQ 4 is
+    // edge-triggered (the MADT overrides only the SCI), the 16550 raises a new pulse for each
+    // new interrupt condition, and drivers read IIR until nothing is pending before they
+    // return, so an interrupt that comes in during the handler is served by that loop.
     let serial_irq = eventfd()?;
     vm_fd
         .register_irqfd(&serial_irq, ports::COM1_IRQ)

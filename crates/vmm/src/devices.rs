@@ -1,6 +1,10 @@
 //! The VM's PCI root and virtio devices: the root bus with its configuration ports and
 //! ECAM, and one generic way to plug a virtio device into either transport
 //! ([`DeviceManager::attach_virtio`]).
+//!
+//! INTx and virtio-mmio interrupts are level-triggered lines: resample irqfds
+//! ([`register_level_irq`]) whose resample eventfds the VMM thread watches
+//! ([`DeviceManager::level_irqs`], served in `vm.rs`).
 
 use std::sync::{Arc, Mutex};
 
@@ -14,7 +18,7 @@ use kiln_devices::pci::{PciConfigIo, PciEcam, PciError, PciRoot, PciRootState, P
 use kiln_devices::virtio::mmio::{VirtioMmio, VirtioMmioState};
 use kiln_devices::virtio::pci::{VirtioPci, VirtioPciState};
 use kiln_devices::virtio::{VirtioDevice, VirtioError};
-use kiln_devices::{Bus, BusError, IrqLine};
+use kiln_devices::{Bus, BusError, LevelIrqLine, Resample};
 use kvm_ioctls::VmFd;
 use serde::{Deserialize, Serialize};
 use vmm_sys_util::eventfd::EventFd;
@@ -121,6 +125,7 @@ pub struct DeviceManager {
     virtio: Vec<VirtioHandle>,
     mmio_slots: usize,
     cmdline: Vec<String>,
+    level_irqs: Vec<Arc<dyn Resample>>,
 }
 
 impl DeviceManager {
@@ -174,6 +179,7 @@ impl DeviceManager {
             virtio: Vec::new(),
             mmio_slots: 0,
             cmdline: Vec::new(),
+            level_irqs: Vec::new(),
         })
     }
 
@@ -192,6 +198,13 @@ impl DeviceManager {
         &self.virtio
     }
 
+    /// The devices' level-triggered interrupt lines. Whoever runs the VM polls each one's
+    /// resample eventfd and calls [`Resample::resample`] when it is readable (after every
+    /// EOI of the line), or interrupts that arrive during the guest's handler are lost.
+    pub fn level_irqs(&self) -> &[Arc<dyn Resample>] {
+        &self.level_irqs
+    }
+
     /// Plugs `device` into `transport`: a PCI slot with its BAR and MSI-X vectors, or a
     /// virtio-mmio slot with an IOAPIC line (and a command-line word announcing it).
     pub fn attach_virtio(
@@ -208,7 +221,7 @@ impl DeviceManager {
                 };
                 let slot = lock(&self.root).next_free_slot().ok_or_else(full)?;
                 let gsi = layout::pci_intx_gsi(slot, 0);
-                let intx = self.irq_line(name, gsi)?;
+                let intx = self.level_irq(name, gsi)?;
                 let pci = VirtioPci::new(
                     device,
                     self.mem.clone(),
@@ -230,6 +243,7 @@ impl DeviceManager {
                 if placed != slot {
                     return Err(full());
                 }
+                self.level_irqs.extend(lock(&pci).intx());
                 log::debug!("{name}: PCI 00:{slot:02x}.0, INTA# on GSI {gsi}");
                 VirtioHandle::Pci(slot, pci)
             }
@@ -240,12 +254,13 @@ impl DeviceManager {
                 if (n as u64 + 1) * VIRTIO_MMIO_SIZE > VIRTIO_MMIO_AREA {
                     return Err(DeviceError::MmioFull(name));
                 }
-                let irq = self.irq_line(name, gsi)?;
+                let irq = self.level_irq(name, gsi)?;
                 let dev = VirtioMmio::new(device, self.mem.clone(), base, irq, self.hooks.clone())
                     .map_err(|source| DeviceError::Virtio {
                         device: name,
                         source,
                     })?;
+                self.level_irqs.push(dev.irq());
                 let dev = Arc::new(Mutex::new(dev));
                 self.mmio_bus
                     .insert(dev.clone(), base, VIRTIO_MMIO_SIZE)
@@ -261,14 +276,9 @@ impl DeviceManager {
         Ok(handle)
     }
 
-    /// An eventfd registered as the irqfd of IOAPIC pin `gsi`.
-    fn irq_line(&self, device: &'static str, gsi: u32) -> Result<IrqLine, DeviceError> {
-        let irq_err = |source| DeviceError::Irq { device, source };
-        let irq = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(irq_err)?;
-        self.vm
-            .register_irqfd(&irq, gsi)
-            .map_err(|e| irq_err(std::io::Error::from_raw_os_error(e.errno())))?;
-        Ok(IrqLine::new(irq))
+    /// A level-triggered line on IOAPIC pin `gsi`.
+    fn level_irq(&self, device: &'static str, gsi: u32) -> Result<LevelIrqLine, DeviceError> {
+        register_level_irq(&self.vm, gsi).map_err(|source| DeviceError::Irq { device, source })
     }
 
     /// Pauses every device (workers stop, in-flight work finishes).
@@ -373,6 +383,19 @@ impl DeviceManager {
     }
 }
 
+/// A level-triggered line on `gsi`: a trigger and a resample eventfd registered as a KVM
+/// resample irqfd (`KVM_IRQFD_FLAG_RESAMPLE`). Every resample irqfd on a GSI shares one
+/// level in KVM, so devices that share a PCI INTx pin see their line lowered together at
+/// the EOI and each raises it again if it still has an interrupt pending: the wired-OR of a
+/// shared PCI interrupt line.
+pub fn register_level_irq(vm: &VmFd, gsi: u32) -> std::io::Result<LevelIrqLine> {
+    let efd = || EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC);
+    let line = LevelIrqLine::new(efd()?, efd()?);
+    vm.register_irqfd_with_resample(line.trigger_fd(), line.resample_fd(), gsi)
+        .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
+    Ok(line)
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::{Duration, Instant};
@@ -439,6 +462,128 @@ mod tests {
         (desc, avail, used)
     }
 
+    /// Drives virtio-rng on PCI with BAR 0 at `bar` as a driver would: VERSION_1, queue 0
+    /// (8 entries, MSI-X `vector`) holding [`one_request`], DRIVER_OK, then a notification.
+    /// Returns the used ring's address.
+    fn drive_one_request(mmio: &Bus, mem: &GuestMemory, bar: u64, vector: u16) -> u64 {
+        let (desc, avail, used) = one_request(mem);
+        let c = bar; // common configuration
+        let w8 = |off: u64, v: u8| assert!(mmio.write(c + off, &[v]));
+        let w16 = |off: u64, v: u16| assert!(mmio.write(c + off, &v.to_le_bytes()));
+        w8(0x14, st::ACKNOWLEDGE | st::DRIVER);
+        write32(mmio, c + 0x08, 1);
+        write32(mmio, c + 0x0c, 1); // VERSION_1
+        w8(0x14, st::ACKNOWLEDGE | st::DRIVER | st::FEATURES_OK);
+        w16(0x16, 0);
+        w16(0x18, 8);
+        w16(0x1a, vector);
+        write32(mmio, c + 0x20, u32::try_from(desc).unwrap());
+        write32(mmio, c + 0x28, u32::try_from(avail).unwrap());
+        write32(mmio, c + 0x30, u32::try_from(used).unwrap());
+        w16(0x1c, 1);
+        w8(
+            0x14,
+            st::ACKNOWLEDGE | st::DRIVER | st::FEATURES_OK | st::DRIVER_OK,
+        );
+        let mut status = [0u8];
+        mmio.read(c + 0x14, &mut status);
+        assert_eq!(status[0], 0xf);
+        w16(0x3000, 0); // notify queue 0
+        used
+    }
+
+    /// The in-kernel IOAPIC's state.
+    fn ioapic(vm: &VmFd) -> kvm_bindings::kvm_ioapic_state {
+        let mut chip = kvm_bindings::kvm_irqchip {
+            chip_id: kvm_bindings::KVM_IRQCHIP_IOAPIC,
+            ..Default::default()
+        };
+        vm.get_irqchip(&mut chip).unwrap();
+        // SAFETY: KVM filled the IOAPIC member, the one chip_id names.
+        unsafe { chip.chip.ioapic }
+    }
+
+    /// Whether IOAPIC pin `gsi`'s input is high (its IRR bit), waiting up to `wait` for it
+    /// (KVM raises a resample irqfd's GSI from a work item, not in the write).
+    fn pin_high(vm: &VmFd, gsi: u32, wait: Duration) -> bool {
+        let deadline = Instant::now() + wait;
+        loop {
+            if ioapic(vm).irr & (1 << gsi) != 0 {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// Lowers pin `gsi`'s IRR bit as the guest's EOI would (KVM then signals the resample
+    /// eventfd, which this test does by hand). The pin's line state in KVM stays high, so
+    /// a new trigger sets the bit again: that is what the IRR bit shows afterwards.
+    fn lower_pin(vm: &VmFd, gsi: u32) {
+        let mut chip = kvm_bindings::kvm_irqchip {
+            chip_id: kvm_bindings::KVM_IRQCHIP_IOAPIC,
+            ..Default::default()
+        };
+        vm.get_irqchip(&mut chip).unwrap();
+        // SAFETY: KVM filled the IOAPIC member, the one chip_id names.
+        unsafe { chip.chip.ioapic.irr &= !(1 << gsi) };
+        vm.set_irqchip(&chip).unwrap();
+        assert!(!pin_high(vm, gsi, Duration::ZERO));
+    }
+
+    /// INTA# of virtio-rng on PCI, on real KVM: a resample irqfd on the slot's PCI GSI; the
+    /// device's interrupt holds the IOAPIC pin high (a plain irqfd would pulse it: its IRR
+    /// bit would read clear again). After an EOI the transport raises the pin again while
+    /// the ISR is set, and not once the driver has read the ISR.
+    #[test]
+    fn inta_is_a_level_line_that_the_device_raises_again_after_eoi() {
+        let kvm = kvm_ioctls::Kvm::new().expect("this test needs /dev/kvm");
+        let vm = Arc::new(kvm.create_vm().unwrap());
+        vm.create_irq_chip().unwrap();
+        let (mut m, _, mmio, mem) = manager_on(vm.clone());
+        m.attach_virtio(Box::new(Rng::new()), Transport::Pci)
+            .unwrap();
+        let gsi = layout::pci_intx_gsi(1, 0);
+        assert!((16..24).contains(&gsi), "a PCI INTx pin");
+        assert_eq!(m.level_irqs().len(), 1);
+        let intx = m.level_irqs()[0].clone();
+        let ecam = PCI_ECAM_START + (1 << 15);
+        write32(&mmio, ecam + 4, 0x6); // memory decoding, bus master; INTx enabled
+        let bar = u64::from(read32(&mmio, ecam + 0x10) & !0xf);
+        assert!(!pin_high(&vm, gsi, Duration::ZERO));
+
+        // MSI-X off: the used buffer sets the ISR and raises INTA#, and KVM holds it high.
+        let used = drive_one_request(&mmio, &mem, bar, kiln_devices::virtio::pci::NO_VECTOR);
+        assert!(
+            pin_high(&vm, gsi, Duration::from_secs(5)),
+            "INTA# never raised GSI {gsi}"
+        );
+        assert_eq!(mem.read_obj::<u16>(GuestAddress(used + 2)).unwrap(), 1);
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(pin_high(&vm, gsi, Duration::ZERO), "the pin stays high");
+
+        // EOI with the ISR still set: raised again.
+        lower_pin(&vm, gsi);
+        intx.line().resample_fd().write(1).unwrap();
+        assert!(intx.resample().unwrap());
+        assert!(
+            pin_high(&vm, gsi, Duration::from_secs(5)),
+            "not raised again after the EOI"
+        );
+
+        // The driver reads the ISR (which clears it); after the EOI the pin stays low.
+        let mut isr = [0u8];
+        assert!(mmio.read(bar + 0x1000, &mut isr));
+        assert_eq!(isr[0], 1, "used-buffer interrupt");
+        lower_pin(&vm, gsi);
+        intx.line().resample_fd().write(1).unwrap();
+        assert!(!intx.resample().unwrap());
+        assert!(!pin_high(&vm, gsi, Duration::from_millis(100)));
+        m.shutdown();
+    }
+
     /// The whole interrupt path on real KVM: a driver (this test, through ECAM and the BAR)
     /// sets virtio-rng on PCI up with MSI-X vector 1 for its queue, programmed to deliver
     /// vector 0x45 to APIC 0; the device fills a buffer and signals; the interrupt lands in
@@ -470,29 +615,7 @@ mod tests {
         write32(&mmio, bar + 0x4014, 0);
         write32(&mmio, bar + 0x4018, 0x45);
         write32(&mmio, bar + 0x401c, 0);
-        let (desc, avail, used) = one_request(&mem);
-        let c = bar; // common configuration
-        let w8 = |off: u64, v: u8| assert!(mmio.write(c + off, &[v]));
-        let w16 = |off: u64, v: u16| assert!(mmio.write(c + off, &v.to_le_bytes()));
-        w8(0x14, st::ACKNOWLEDGE | st::DRIVER);
-        write32(&mmio, c + 0x08, 1);
-        write32(&mmio, c + 0x0c, 1); // VERSION_1
-        w8(0x14, st::ACKNOWLEDGE | st::DRIVER | st::FEATURES_OK);
-        w16(0x16, 0);
-        w16(0x18, 8);
-        w16(0x1a, 1); // queue 0 -> vector 1
-        write32(&mmio, c + 0x20, u32::try_from(desc).unwrap());
-        write32(&mmio, c + 0x28, u32::try_from(avail).unwrap());
-        write32(&mmio, c + 0x30, u32::try_from(used).unwrap());
-        w16(0x1c, 1);
-        w8(
-            0x14,
-            st::ACKNOWLEDGE | st::DRIVER | st::FEATURES_OK | st::DRIVER_OK,
-        );
-        let mut status = [0u8];
-        mmio.read(c + 0x14, &mut status);
-        assert_eq!(status[0], 0xf);
-        w16(0x3000, 0); // notify queue 0
+        let used = drive_one_request(&mmio, &mem, bar, 1);
 
         let irr = |l: &kvm_bindings::kvm_lapic_state| {
             // IRR bit 0x45 (69): register 0x200 + 0x10 * (69 / 32), bit 69 % 32 = 5.

@@ -1,5 +1,5 @@
 //! A running VM: its event loop ([`Vm::run`]: guest exits, vCPU errors, console input,
-//! signals) and its lifecycle (pause, resume, vCPU state). [`Vm::build`] lives in
+//! signals, and the resample events of level-triggered interrupt lines) and its lifecycle (pause, resume, vCPU state). [`Vm::build`] lives in
 //! `builder.rs`.
 
 use std::collections::VecDeque;
@@ -39,6 +39,8 @@ const TOKEN_EVENTS: u64 = 1;
 const TOKEN_STDIN: u64 = 2;
 const TOKEN_DRAINED: u64 = 3;
 const TOKEN_SIGNAL: u64 = 4;
+/// Level-triggered line `i` of [`DeviceManager::level_irqs`] has token `TOKEN_RESAMPLE + i`.
+const TOKEN_RESAMPLE: u64 = 0x1000;
 
 /// Console input waiting to reach the guest.
 pub(crate) struct ConsoleInput {
@@ -219,6 +221,14 @@ impl Vm {
             // Files and /dev/null cannot be polled: then there is simply no input.
             input.polling = add(input.fd, TOKEN_STDIN).is_ok();
         }
+        // The guest EOI'd a level-triggered line and KVM lowered it: the device raises it
+        // again if its interrupt is still pending. This thread is the one place that waits
+        // on these eventfds; a line whose event waits here stays low, so serve it promptly.
+        let level_irqs = self.devices.level_irqs().to_vec();
+        for (i, irq) in (0u64..).zip(&level_irqs) {
+            add(irq.line().resample_fd().as_raw_fd(), TOKEN_RESAMPLE + i)
+                .map_err(os_err("epoll_ctl"))?;
+        }
 
         let mut ready = [EpollEvent::default(); 8];
         loop {
@@ -270,6 +280,14 @@ impl Vm {
                             let _ = input.drained.read();
                         }
                         self.feed_console(&epoll);
+                    }
+                    t if t >= TOKEN_RESAMPLE => {
+                        let irq = usize::try_from(t - TOKEN_RESAMPLE)
+                            .ok()
+                            .and_then(|i| level_irqs.get(i));
+                        if let Some(Err(e)) = irq.map(|irq| irq.resample()) {
+                            kiln_devices::warn_ratelimited!("interrupt line resample: {e}");
+                        }
                     }
                     _ => {}
                 }

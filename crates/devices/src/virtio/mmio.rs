@@ -3,8 +3,10 @@
 //!
 //! Queue notifications arrive on one eventfd per queue that is registered as an ioeventfd
 //! on the QueueNotify register with the queue index as datamatch; a notification that does
-//! reach the transport signals the same eventfd. Interrupts set InterruptStatus and pulse an
-//! IOAPIC line through an irqfd.
+//! reach the transport signals the same eventfd. Interrupts set InterruptStatus and raise a
+//! level-triggered IOAPIC line ([`LevelIrqLine`], a resample irqfd): the device asserts it
+//! while InterruptStatus is non-zero, so after the guest's EOI the VMM raises it again
+//! ([`Resample::resample`]) unless the driver acknowledged every bit (InterruptACK).
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -17,7 +19,7 @@ use super::transport::{
 use super::{GuestMemory, InterruptKind, VirtioDevice, VirtioError, VirtioInterrupt};
 use crate::bus::BusDevice;
 use crate::hooks::{IoEventAddress, IoEvents};
-use crate::{warn_ratelimited, IrqLine};
+use crate::{warn_ratelimited, LevelIrqLine, Resample};
 
 /// "virt".
 const MAGIC: u32 = 0x7472_6976;
@@ -84,10 +86,26 @@ pub mod reg {
     pub const CONFIG: u64 = 0x100;
 }
 
+/// The device's interrupt line: asserted while InterruptStatus is non-zero.
+struct MmioIrq {
+    line: LevelIrqLine,
+    shared: Arc<SharedStatus>,
+}
+
+impl Resample for MmioIrq {
+    fn line(&self) -> &LevelIrqLine {
+        &self.line
+    }
+
+    fn pending(&self) -> bool {
+        self.shared.isr.load(Ordering::Acquire) != 0
+    }
+}
+
 struct MmioInterrupt {
     name: &'static str,
     shared: Arc<SharedStatus>,
-    irq: IrqLine,
+    irq: Arc<MmioIrq>,
 }
 
 impl VirtioInterrupt for MmioInterrupt {
@@ -100,7 +118,7 @@ impl VirtioInterrupt for MmioInterrupt {
             InterruptKind::Queue(_) => ISR_QUEUE,
         };
         self.shared.isr.fetch_or(bit, Ordering::AcqRel);
-        self.irq.eventfd().write(1)
+        self.irq.line.assert()
     }
 
     fn needs_reset(&self, reason: &str) {
@@ -120,6 +138,7 @@ pub struct VirtioMmioState {
 pub struct VirtioMmio {
     core: VirtioCore,
     interrupt: Arc<dyn VirtioInterrupt>,
+    irq: Arc<MmioIrq>,
     ioevents: Arc<dyn IoEvents>,
     base: u64,
 }
@@ -131,15 +150,19 @@ impl VirtioMmio {
         device: Box<dyn VirtioDevice>,
         mem: GuestMemory,
         base: u64,
-        irq: IrqLine,
+        irq: LevelIrqLine,
         ioevents: Arc<dyn IoEvents>,
     ) -> Result<Self, VirtioError> {
         let name = device.name();
         let core = VirtioCore::new(device, mem)?;
+        let irq = Arc::new(MmioIrq {
+            line: irq,
+            shared: core.shared().clone(),
+        });
         let interrupt: Arc<dyn VirtioInterrupt> = Arc::new(MmioInterrupt {
             name,
             shared: core.shared().clone(),
-            irq,
+            irq: irq.clone(),
         });
         for (i, fd) in core.notify_fds().iter().enumerate() {
             ioevents
@@ -156,6 +179,7 @@ impl VirtioMmio {
         Ok(VirtioMmio {
             core,
             interrupt,
+            irq,
             ioevents,
             base,
         })
@@ -164,6 +188,11 @@ impl VirtioMmio {
     /// The transport core.
     pub fn core(&self) -> &VirtioCore {
         &self.core
+    }
+
+    /// The interrupt line, for whoever watches its resample eventfd.
+    pub fn irq(&self) -> Arc<dyn Resample> {
+        self.irq.clone()
     }
 
     /// Pauses the device.
@@ -188,9 +217,16 @@ impl VirtioMmio {
         })
     }
 
-    /// Restores [`VirtioMmio::state`].
+    /// Restores [`VirtioMmio::state`]. A pending InterruptStatus raises the line again: the
+    /// line's level is not part of the state, InterruptStatus is.
     pub fn restore(&mut self, s: VirtioMmioState) -> Result<(), VirtioError> {
-        self.core.restore(s.transport, &self.interrupt)
+        self.core.restore(s.transport, &self.interrupt)?;
+        if self.irq.pending() {
+            if let Err(e) = self.irq.line.assert() {
+                warn_ratelimited!("{}: interrupt line: {e}", self.core.device().name());
+            }
+        }
+        Ok(())
     }
 
     fn read_reg(&self, offset: u64) -> u32 {

@@ -17,7 +17,10 @@ fn dev() -> (VirtioMmio, Arc<Mutex<FakeLog>>, Arc<Recorder>, EventFd) {
         d,
         memory(),
         BASE,
-        IrqLine::new(irq.try_clone().unwrap()),
+        LevelIrqLine::new(
+            irq.try_clone().unwrap(),
+            EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+        ),
         hooks.clone(),
     )
     .unwrap();
@@ -98,6 +101,40 @@ fn activates_and_interrupts_through_the_line() {
     w(&mut m, reg::QUEUE_NOTIFY, 77);
 }
 
+/// KVM lowered the line after the guest's EOI and signalled the resample eventfd: the
+/// transport's answer (whether it raised the line again).
+fn eoi(m: &VirtioMmio) -> bool {
+    let irq = m.irq();
+    irq.line().resample_fd().write(1).unwrap();
+    irq.resample().unwrap()
+}
+
+#[test]
+fn the_line_is_raised_again_after_eoi_until_the_driver_acknowledges() {
+    let (mut m, log, _, irq) = dev();
+    bring_up(&mut m);
+    let int = log.lock().unwrap().interrupt.clone().unwrap();
+    int.trigger(InterruptKind::Queue(1)).unwrap();
+    assert_eq!(irq.read().unwrap(), 1);
+    // The guest EOIs without acknowledging (or a second interrupt came in meanwhile).
+    assert!(eoi(&m), "still pending: raised again");
+    assert_eq!(irq.read().unwrap(), 1);
+    // Reading the status alone acknowledges nothing on virtio-mmio.
+    assert_eq!(r(&mut m, reg::INTERRUPT_STATUS), 1);
+    assert!(eoi(&m));
+    assert_eq!(irq.read().unwrap(), 1);
+    // Configuration interrupt too; acknowledging one bit keeps the line up for the other.
+    int.trigger(InterruptKind::Config).unwrap();
+    assert_eq!(irq.read().unwrap(), 1);
+    w(&mut m, reg::INTERRUPT_ACK, 1);
+    assert!(eoi(&m));
+    assert_eq!(irq.read().unwrap(), 1);
+    w(&mut m, reg::INTERRUPT_ACK, 2);
+    assert!(!eoi(&m), "acknowledged: the line stays low");
+    assert!(irq.read().is_err());
+    assert!(m.irq().line().resample_fd().read().is_err(), "consumed");
+}
+
 #[test]
 fn misbehaving_driver_gets_needs_reset_and_odd_accesses_are_ignored() {
     let (mut m, log, _, irq) = dev();
@@ -141,8 +178,27 @@ fn state_round_trips() {
     let s = m.state().unwrap();
     let back: VirtioMmioState = serde_json::from_str(&serde_json::to_string(&s).unwrap()).unwrap();
     assert_eq!(back, s);
-    let (mut n, log, ..) = dev();
+    let (mut n, log, _, irq) = dev();
     n.restore(back).unwrap();
     assert_eq!(n.state().unwrap(), s);
     assert_eq!(log.lock().unwrap().activations.len(), 1);
+    assert!(irq.read().is_err(), "nothing pending, line low");
+}
+
+#[test]
+fn restoring_a_pending_interrupt_raises_the_line() {
+    let (mut m, log, ..) = dev();
+    bring_up(&mut m);
+    let int = log.lock().unwrap().interrupt.clone().unwrap();
+    int.trigger(InterruptKind::Queue(1)).unwrap();
+    m.pause().unwrap();
+    let s = m.state().unwrap();
+    assert_eq!(s.transport.isr, 1);
+    let (mut n, _, _, irq) = dev();
+    n.restore(s).unwrap();
+    assert_eq!(irq.read().unwrap(), 1, "raised on restore");
+    assert_eq!(r(&mut n, reg::INTERRUPT_STATUS), 1);
+    assert!(eoi(&n), "and kept up until acknowledged");
+    w(&mut n, reg::INTERRUPT_ACK, 1);
+    assert!(!eoi(&n));
 }

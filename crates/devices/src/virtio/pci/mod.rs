@@ -7,8 +7,14 @@
 //! ioeventfd at the queue's notification address (multiplier 4: queue `i` at
 //! `NOTIFY + 4 * i`), so a notification never waits for a vCPU exit; a write that does reach
 //! the transport signals the same eventfd. Interrupts go through MSI-X; with MSI-X disabled,
-//! through INTA# (an irqfd on the slot's IOAPIC pin, pulsed once per interrupt) and the ISR
-//! bits, which the driver reads to learn why (reading clears them).
+//! through INTA# and the ISR bits, which the driver reads to learn why (reading clears them).
+//!
+//! INTA# is a level-triggered line ([`LevelIrqLine`], a resample irqfd on the slot's IOAPIC
+//! pin): the device asserts it while the ISR is non-zero, MSI-X is off and the command
+//! register does not disable INTx. KVM holds the line high from the first
+//! interrupt until the guest's EOI; then the VMM asks [`Resample::resample`] whether it is
+//! still asserted, so an interrupt raised while the driver was handling the previous one is
+//! delivered again, and one whose ISR the driver read is not.
 
 mod common;
 
@@ -26,7 +32,7 @@ use crate::hooks::{IoEventAddress, IoEvents, MsiRouter};
 use crate::pci::config::{command, reg, BarKind, BarSpec, PciConfig, PciConfigState, PciHeader};
 use crate::pci::msix::{self, Msix, MsixState};
 use crate::pci::{PciDevice, PciError};
-use crate::{warn_ratelimited, IrqLine};
+use crate::{warn_ratelimited, LevelIrqLine, Resample};
 
 /// Red Hat's virtio vendor ID.
 pub const VENDOR_ID: u16 = 0x1af4;
@@ -101,13 +107,38 @@ impl Vectors {
     }
 }
 
+/// INTA#: asserted while the ISR is non-zero, MSI-X is off and INTx is not disabled.
+struct Intx {
+    line: LevelIrqLine,
+    shared: Arc<SharedStatus>,
+    vectors: Arc<Vectors>,
+}
+
+impl Intx {
+    /// MSI-X is off and the command register does not disable INTx.
+    fn enabled(&self) -> bool {
+        !self.vectors.msix_enabled.load(Ordering::Acquire)
+            && !self.vectors.intx_disabled.load(Ordering::Acquire)
+    }
+}
+
+impl Resample for Intx {
+    fn line(&self) -> &LevelIrqLine {
+        &self.line
+    }
+
+    fn pending(&self) -> bool {
+        self.enabled() && self.shared.isr.load(Ordering::Acquire) != 0
+    }
+}
+
 /// How a virtio-pci device signals its driver.
 struct PciInterrupt {
     name: &'static str,
     shared: Arc<SharedStatus>,
     vectors: Arc<Vectors>,
     msix: Arc<Mutex<Msix>>,
-    intx: Option<IrqLine>,
+    intx: Option<Arc<Intx>>,
 }
 
 impl VirtioInterrupt for PciInterrupt {
@@ -134,9 +165,7 @@ impl VirtioInterrupt for PciInterrupt {
         // MSI-X off: the ISR says why, INTA# (when enabled) says that.
         self.shared.isr.fetch_or(isr, Ordering::AcqRel);
         match &self.intx {
-            Some(line) if !self.vectors.intx_disabled.load(Ordering::Acquire) => {
-                line.eventfd().write(1)
-            }
+            Some(intx) if intx.enabled() => intx.line.assert(),
             _ => Ok(()),
         }
     }
@@ -169,6 +198,7 @@ pub struct VirtioPci {
     msix: Arc<Mutex<Msix>>,
     vectors: Arc<Vectors>,
     interrupt: Arc<dyn VirtioInterrupt>,
+    intx: Option<Arc<Intx>>,
     ioevents: Arc<dyn IoEvents>,
     /// Where BAR 0 decodes (the ioeventfds are registered there).
     bar: Option<u64>,
@@ -185,7 +215,7 @@ impl VirtioPci {
         mem: GuestMemory,
         router: Arc<dyn MsiRouter>,
         ioevents: Arc<dyn IoEvents>,
-        intx: Option<(IrqLine, u8)>,
+        intx: Option<(LevelIrqLine, u8)>,
     ) -> Result<Self, PciError> {
         let name = device.name();
         let dtype = device.device_type();
@@ -259,12 +289,19 @@ impl VirtioPci {
             intx_disabled: AtomicBool::new(false),
         });
         let msix = Arc::new(Mutex::new(msix));
+        let intx = intx.map(|line| {
+            Arc::new(Intx {
+                line,
+                shared: core.shared().clone(),
+                vectors: vectors.clone(),
+            })
+        });
         let interrupt: Arc<dyn VirtioInterrupt> = Arc::new(PciInterrupt {
             name,
             shared: core.shared().clone(),
             vectors: vectors.clone(),
             msix: msix.clone(),
-            intx,
+            intx: intx.clone(),
         });
         Ok(VirtioPci {
             config,
@@ -272,6 +309,7 @@ impl VirtioPci {
             msix,
             vectors,
             interrupt,
+            intx,
             ioevents,
             bar: None,
             msix_cap,
@@ -282,6 +320,11 @@ impl VirtioPci {
     /// The transport core (status, features, queues).
     pub fn core(&self) -> &VirtioCore {
         &self.core
+    }
+
+    /// INTA#, for whoever watches its resample eventfd; `None` without INTx.
+    pub fn intx(&self) -> Option<Arc<dyn Resample>> {
+        self.intx.clone().map(|i| i as Arc<dyn Resample>)
     }
 
     /// Pauses the device.
@@ -316,7 +359,8 @@ impl VirtioPci {
     }
 
     /// Restores [`VirtioPci::state`]. The caller then lets the root re-map the BAR
-    /// ([`crate::pci::PciRoot::sync_all_bars`]).
+    /// ([`crate::pci::PciRoot::sync_all_bars`]). An interrupt pending in the saved ISR raises
+    /// INTA# again: the line's level is not part of the state, the ISR is.
     pub fn restore(&mut self, s: VirtioPciState) -> Result<(), VirtioError> {
         let name = self.core.device().name();
         let bad = |reason: String| VirtioError::State {
@@ -342,7 +386,19 @@ impl VirtioPci {
         for (v, saved) in self.vectors.queues.iter().zip(&s.queue_vectors) {
             v.store(*saved, Ordering::Release);
         }
-        self.core.restore(s.transport, &self.interrupt)
+        self.core.restore(s.transport, &self.interrupt)?;
+        self.reassert_intx();
+        Ok(())
+    }
+
+    /// Raises INTA# if it is asserted now (after a restore, or when the driver enables it
+    /// with an interrupt pending).
+    fn reassert_intx(&self) {
+        if let Some(intx) = self.intx.as_ref().filter(|i| i.pending()) {
+            if let Err(e) = intx.line.assert() {
+                warn_ratelimited!("{}: INTA#: {e}", self.core.device().name());
+            }
+        }
     }
 
     fn set_ioevents(&self, base: u64, register: bool) {
@@ -362,14 +418,19 @@ impl VirtioPci {
         }
     }
 
-    /// Mirrors MSI-X enable and INTx disable for the interrupt path.
+    /// Mirrors MSI-X enable and INTx disable for the interrupt path. A pending interrupt
+    /// raises INTA# once it is unmasked, as on a real PCI function.
     fn sync_interrupt_enables(&self) {
+        let was_enabled = self.intx.as_ref().is_some_and(|i| i.enabled());
         let msix = lock(&self.msix).enabled();
         self.vectors.msix_enabled.store(msix, Ordering::Release);
         let intx_off = self.config.command() & command::INTX_DISABLE != 0;
         self.vectors
             .intx_disabled
             .store(intx_off, Ordering::Release);
+        if !was_enabled {
+            self.reassert_intx();
+        }
     }
 
     fn msix_vectors(&self) -> u16 {

@@ -7,6 +7,7 @@ use crate::pci::config::{command, reg};
 use crate::virtio::features;
 use crate::virtio::status as st;
 use crate::virtio::transport::testing::{fake, memory, FakeLog};
+use vmm_sys_util::eventfd::EventFd;
 
 struct Dev {
     pci: VirtioPci,
@@ -18,7 +19,7 @@ fn dev() -> Dev {
     dev_with(None)
 }
 
-fn dev_with(intx: Option<(IrqLine, u8)>) -> Dev {
+fn dev_with(intx: Option<(LevelIrqLine, u8)>) -> Dev {
     let (d, log) = fake();
     let hooks = Arc::new(Recorder::default());
     let mut pci = VirtioPci::new(d, memory(), hooks.clone(), hooks.clone(), intx).unwrap();
@@ -174,10 +175,33 @@ fn without_a_vector_the_isr_records_the_interrupt_and_reading_clears_it() {
     assert_eq!(d.r(0x1000, 1), 0);
 }
 
+fn efd() -> EventFd {
+    EventFd::new(libc::EFD_NONBLOCK).unwrap()
+}
+
+/// A device with INTA# on GSI 17; the trigger eventfd to watch.
+fn dev_with_intx() -> (Dev, EventFd) {
+    let line = efd();
+    let d = dev_with(Some((
+        LevelIrqLine::new(line.try_clone().unwrap(), efd()),
+        17,
+    )));
+    (d, line)
+}
+
+impl Dev {
+    /// KVM lowered INTA# after the guest's EOI and signalled the resample eventfd: the
+    /// transport's answer (whether it raised the line again).
+    fn eoi(&self) -> bool {
+        let intx = self.pci.intx().unwrap();
+        intx.line().resample_fd().write(1).unwrap();
+        intx.resample().unwrap()
+    }
+}
+
 #[test]
-fn without_msix_interrupts_pulse_inta_unless_disabled() {
-    let line = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap();
-    let mut d = dev_with(Some((IrqLine::new(line.try_clone().unwrap()), 17)));
+fn without_msix_interrupts_assert_inta_unless_disabled() {
+    let (mut d, line) = dev_with_intx();
     assert_eq!(d.cfg(reg::INTERRUPT_LINE, 2), 0x0111, "pin INTA#, line 17");
     d.bring_up(0);
     let irq = d.log.lock().unwrap().interrupt.clone().unwrap();
@@ -199,6 +223,79 @@ fn without_msix_interrupts_pulse_inta_unless_disabled() {
     irq.trigger(InterruptKind::Queue(0)).unwrap();
     assert!(line.read().is_err());
     assert_eq!(d.r(0x5000, 8), 1, "pending on vector 0");
+}
+
+#[test]
+fn inta_is_raised_again_after_eoi_until_the_isr_is_read() {
+    let (mut d, line) = dev_with_intx();
+    d.bring_up(NO_VECTOR);
+    let irq = d.log.lock().unwrap().interrupt.clone().unwrap();
+    irq.trigger(InterruptKind::Queue(0)).unwrap();
+    assert_eq!(line.read().unwrap(), 1);
+    // The guest EOIs before reading the ISR: the interrupt is still pending.
+    assert!(d.eoi());
+    assert_eq!(line.read().unwrap(), 1, "raised again");
+    // The lost-interrupt case: a second interrupt while the first is in service (the
+    // line is already high, so KVM sees no new edge), the driver reads the ISR for the
+    // first, then more work arrives before the EOI.
+    irq.trigger(InterruptKind::Queue(0)).unwrap();
+    assert_eq!(d.r(0x1000, 1), 1);
+    irq.trigger(InterruptKind::Config).unwrap();
+    assert_eq!(line.read().unwrap(), 2);
+    assert!(d.eoi(), "the late interrupt is delivered after the EOI");
+    assert_eq!(line.read().unwrap(), 1);
+    // Reading the ISR acknowledges: after that EOI the line stays low.
+    assert_eq!(d.r(0x1000, 1), 2);
+    assert!(!d.eoi());
+    assert!(line.read().is_err());
+}
+
+#[test]
+fn inta_is_not_raised_again_while_masked_and_is_raised_once_unmasked() {
+    let (mut d, line) = dev_with_intx();
+    d.bring_up(NO_VECTOR);
+    let irq = d.log.lock().unwrap().interrupt.clone().unwrap();
+    irq.trigger(InterruptKind::Queue(0)).unwrap();
+    assert_eq!(line.read().unwrap(), 1);
+    let cmd = command::MEMORY | command::INTX_DISABLE;
+    d.pci.write_config(reg::COMMAND, &cmd.to_le_bytes());
+    assert!(!d.eoi(), "INTx disabled");
+    assert!(line.read().is_err());
+    // Enabling INTx with the ISR still set asserts the line, as on real hardware.
+    d.pci
+        .write_config(reg::COMMAND, &command::MEMORY.to_le_bytes());
+    assert_eq!(line.read().unwrap(), 1);
+    // Rewriting the command register with INTx already enabled does not raise it again.
+    d.pci
+        .write_config(reg::COMMAND, &command::MEMORY.to_le_bytes());
+    assert!(line.read().is_err());
+    // MSI-X on: INTA# is never asserted, even with ISR bits left over.
+    let ctrl = d.pci.msix_cap + 2;
+    d.pci
+        .write_config(ctrl, &msix::CONTROL_ENABLE.to_le_bytes());
+    assert!(!d.eoi());
+    assert!(line.read().is_err());
+}
+
+#[test]
+fn restoring_a_pending_isr_raises_inta() {
+    let (mut d, _) = dev_with_intx();
+    d.bring_up(NO_VECTOR);
+    let irq = d.log.lock().unwrap().interrupt.clone().unwrap();
+    irq.trigger(InterruptKind::Queue(0)).unwrap();
+    d.pci.pause().unwrap();
+    let s = d.pci.state().unwrap();
+    assert_eq!(s.transport.isr, 1);
+    let back: VirtioPciState = serde_json::from_str(&serde_json::to_string(&s).unwrap()).unwrap();
+
+    let (mut e, line) = dev_with_intx();
+    assert!(line.read().is_err());
+    e.pci.restore(back).unwrap();
+    assert_eq!(e.pci.state().unwrap(), s);
+    assert!(line.read().is_ok(), "raised on restore");
+    assert!(e.eoi(), "and kept up until the ISR is read");
+    assert_eq!(e.r(0x1000, 1), 1);
+    assert!(!e.eoi());
 }
 
 #[test]
