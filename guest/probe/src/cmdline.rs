@@ -1,6 +1,6 @@
 //! Kernel command line: `probe.*` options. Other words are ignored.
 //!
-//! - `probe.checks=boot,acpi,smp,mem,cpu,rtc,pci,rng,blk,net,console,hostile,msix`
+//! - `probe.checks=boot,acpi,smp,mem,cpu,rtc,pci,rng,blk,net,console,hostile,msix,intx`
 //!   (default: the first six; the PCI and virtio checks run only when named)
 //! - `probe.mem=full|sample` (default full)
 //! - `probe.cpu_iters=N` (default [`crate::cpu::DEFAULT_ITERS`])
@@ -33,11 +33,12 @@ pub enum Check {
     Console,
     Hostile,
     Msix,
+    Intx,
 }
 
 impl Check {
     /// Every check, in the order they run and report.
-    pub const ALL: [Check; 13] = [
+    pub const ALL: [Check; 14] = [
         Check::Boot,
         Check::Acpi,
         Check::Smp,
@@ -51,6 +52,7 @@ impl Check {
         Check::Console,
         Check::Hostile,
         Check::Msix,
+        Check::Intx,
     ];
     /// The checks that run when `probe.checks` is not given.
     pub const DEFAULT: [Check; 6] = [Check::Boot, Check::Acpi, Check::Smp, Check::Mem, Check::Cpu, Check::Rtc];
@@ -70,6 +72,7 @@ impl Check {
             Check::Console => "console",
             Check::Hostile => "hostile",
             Check::Msix => "msix",
+            Check::Intx => "intx",
         }
     }
 
@@ -124,14 +127,14 @@ impl Options {
 
     /// Whether any virtio device check is selected.
     pub fn needs_virtio(&self) -> bool {
-        [Check::Rng, Check::Blk, Check::Net, Check::Console, Check::Hostile, Check::Msix]
+        [Check::Rng, Check::Blk, Check::Net, Check::Console, Check::Hostile, Check::Msix, Check::Intx]
             .iter()
             .any(|&c| self.enabled(c))
     }
 
     /// Whether any check that needs PCI enumeration is selected.
     pub fn needs_pci(&self) -> bool {
-        [Check::Pci, Check::Rng, Check::Blk, Check::Net, Check::Console, Check::Hostile, Check::Msix]
+        [Check::Pci, Check::Rng, Check::Blk, Check::Net, Check::Console, Check::Hostile, Check::Msix, Check::Intx]
             .iter()
             .any(|&c| self.enabled(c))
     }

@@ -89,6 +89,16 @@ extern "C" fn probe_main(entry: u64, info: u64) -> ! {
                     false
                 }
             },
+            Check::Intx => match dma.as_mut() {
+                Some(dma) => {
+                    let ioapic = acpi.madt.as_ref().and_then(|m| m.ioapics().first().copied());
+                    virtio::intx::check(pci.as_ref().ok(), ioapic, &devs, dma, &clock)
+                }
+                None => {
+                    emit!("PROBE intx fail no RAM below 4 GiB for virtqueues");
+                    false
+                }
+            },
             dev => match dma.as_mut() {
                 Some(dma) => virtio_check(dev, &devs, dma, &clock, &opts.dev, edge),
                 None => {

@@ -4,6 +4,7 @@
 pub mod blk;
 pub mod blkbench;
 pub mod console;
+pub mod intx;
 pub mod mmio;
 pub mod msix;
 pub mod net;
