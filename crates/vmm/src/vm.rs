@@ -1,6 +1,6 @@
 //! A running VM: its event loop ([`Vm::run`]: guest exits, vCPU errors, console input,
-//! signals, and the resample events of level-triggered interrupt lines) and its lifecycle (pause, resume, vCPU state). [`Vm::build`] lives in
-//! `builder.rs`.
+//! signals, and the resample events of level-triggered interrupt lines) and its lifecycle
+//! (pause, resume, vCPU state). [`Vm::build`] lives in `builder.rs`.
 
 use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, RawFd};
