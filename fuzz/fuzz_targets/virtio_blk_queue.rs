@@ -1,7 +1,7 @@
 //! Fuzzes the virtio-blk request path: descriptor chains (direct, indirect, looping, out of
 //! RAM), request headers, data and status buffers, ring indices and ring placement, served by
-//! the device's own I/O-thread code (`kiln_virtio::block::Block::fuzz_pass`, input format in
-//! its documentation) against a 1 MiB raw image. The property: no panic, no hang, and never
+//! the device's own I/O-thread code (`kiln_virtio::block::fuzzing::Fuzzer::pass`, input format
+//! in its documentation) against a 1 MiB raw image. The property: no panic, no hang, and never
 //! more completions than chains the driver offered.
 //!
 //! With cargo-fuzz (nightly): `cargo fuzz run virtio_blk_queue`. On stable:
@@ -9,10 +9,13 @@
 
 #![no_main]
 
+use std::cell::RefCell;
+
+use kiln_virtio::block::fuzzing::Fuzzer;
 use kiln_virtio::block::{Block, BlockParams};
 use libfuzzer_sys::fuzz_target;
 
-fn device() -> Block {
+fn device() -> Fuzzer {
     let path = std::env::temp_dir().join(format!("kiln-fuzz-blk-{}.raw", std::process::id()));
     let f = std::fs::File::create(&path).expect("cannot create the fuzzing disk image");
     f.set_len(1 << 20)
@@ -20,15 +23,15 @@ fn device() -> Block {
     let dev = Block::new(BlockParams::new(&path)).expect("cannot open the fuzzing disk image");
     // The device keeps the image open; nothing is left behind.
     let _ = std::fs::remove_file(&path);
-    dev
+    Fuzzer::new(dev)
 }
 
 thread_local! {
-    static DEV: Block = device();
+    static DEV: RefCell<Fuzzer> = RefCell::new(device());
 }
 
 fuzz_target!(|data: &[u8]| {
-    let out = DEV.with(|d| d.fuzz_pass(data));
+    let out = DEV.with(|d| d.borrow_mut().pass(data));
     assert!(
         out.completed <= u64::from(out.offered),
         "the device completed more requests than the driver offered: {out:?}"

@@ -17,6 +17,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::worker::{self, BlockQueue, Shared, MAX_ZERO_SEGMENTS};
 use super::Block;
 use crate::common::worker::StopSignal;
+use kiln_disk::aio::AsyncIo;
 
 /// Bytes of input before the guest memory image.
 pub const HEADER_LEN: usize = 8;
@@ -52,7 +53,19 @@ impl VirtioInterrupt for Recorder {
     }
 }
 
-impl Block {
+/// A virtio-blk device and the disk engine its passes share (an idle engine between passes:
+/// setting up an io_uring per input would cost more than the pass).
+pub struct Fuzzer {
+    dev: Block,
+    engine: Option<Box<dyn AsyncIo>>,
+}
+
+impl Fuzzer {
+    /// Fuzzes `dev`'s request path.
+    pub fn new(dev: Block) -> Self {
+        Fuzzer { dev, engine: None }
+    }
+
     /// Runs one pass of queue 0 over `input`, read as:
     ///
     /// - byte 0: log2 of the queue size (mod 9: 1 to 256 entries);
@@ -63,7 +76,7 @@ impl Block {
     ///
     /// Every guest-supplied address, length and index goes through the device's checks; a
     /// layout a transport would refuse is not run.
-    pub fn fuzz_pass(&self, input: &[u8]) -> Outcome {
+    pub fn pass(&mut self, input: &[u8]) -> Outcome {
         let mut out = Outcome {
             ran: false,
             offered: 0,
@@ -95,23 +108,27 @@ impl Block {
             return out;
         };
         out.offered = queue.avail_idx(&mem, Ordering::Acquire).map_or(0, |w| w.0);
-        let depth = usize::from(size) + MAX_ZERO_SEGMENTS as usize;
+        let engine = match self.engine.take() {
+            Some(e) => Ok(e),
+            // Room for the largest queue this input format makes.
+            None => self.dev.disk.engine(256 + MAX_ZERO_SEGMENTS as usize),
+        };
         let (Ok(engine), Ok(notify), Ok(stop)) = (
-            self.disk.engine(depth),
+            engine,
             EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC),
             StopSignal::raised(),
         ) else {
             return out;
         };
         let recorder = Arc::new(Recorder::default());
-        let before = self.stats.requests.load(Ordering::Relaxed);
+        let before = self.dev.stats.requests.load(Ordering::Relaxed);
         let shared = Arc::new(Shared {
             mem,
             interrupt: recorder.clone(),
-            limits: self.limits.clone(),
+            limits: self.dev.limits.clone(),
             poll: std::time::Duration::ZERO,
-            stats: self.stats.clone(),
-            path: self.disk.path().display().to_string(),
+            stats: self.dev.stats.clone(),
+            path: self.dev.disk.path().display().to_string(),
         });
         let q = BlockQueue {
             index: 0,
@@ -124,8 +141,9 @@ impl Block {
         // started, and returns.
         let q = worker::run(q, shared, &stop);
         out.ran = true;
-        out.completed = self.stats.requests.load(Ordering::Relaxed) - before;
+        out.completed = self.dev.stats.requests.load(Ordering::Relaxed) - before;
         out.needs_reset = q.broken || recorder.reset.load(Ordering::Relaxed);
+        self.engine = Some(q.engine);
         out
     }
 }
