@@ -5,7 +5,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
-use kiln_vmm::config::{BootEntry, ConsoleConfig, DiskConfig, MemorySize, NetConfig, SerialConfig};
+use kiln_vmm::config::{
+    BootEntry, ConsoleConfig, DiskConfig, MemorySize, NetConfig, RngConfig, RngSetting,
+    SerialConfig,
+};
 use kiln_vmm::{PartialConfig, VmConfig, VmOutcome};
 
 /// Exit status when the guest powered off.
@@ -99,10 +102,17 @@ struct RunArgs {
     /// [,transport=pci|mmio].
     #[arg(long, value_name = "SPEC", value_parser = parse_net)]
     net: Vec<NetConfig>,
-    /// Give the guest a virtio-rng device (entropy from the host's getrandom).
-    #[arg(long)]
-    rng: bool,
-    /// A virtio console: stdio, file:PATH or socket:PATH.
+    /// Give the guest a virtio-rng device (entropy from the host's getrandom); options:
+    /// transport=pci|mmio, as in `--rng transport=mmio`.
+    #[arg(
+        long,
+        value_name = "OPTIONS",
+        num_args = 0..=1,
+        default_missing_value = "",
+        value_parser = parse_rng
+    )]
+    rng: Option<RngConfig>,
+    /// A virtio console: stdio, file:PATH or socket:PATH[,transport=pci|mmio].
     #[arg(long, value_name = "WHERE", value_parser = parse_console)]
     console: Option<ConsoleConfig>,
 }
@@ -129,6 +139,10 @@ fn parse_disk(s: &str) -> Result<DiskConfig, String> {
 }
 
 fn parse_net(s: &str) -> Result<NetConfig, String> {
+    s.parse()
+}
+
+fn parse_rng(s: &str) -> Result<RngConfig, String> {
     s.parse()
 }
 
@@ -184,7 +198,7 @@ fn run(args: RunArgs) -> ExitCode {
         entry: args.entry,
         disk: (!args.disk.is_empty()).then_some(args.disk),
         net: (!args.net.is_empty()).then_some(args.net),
-        rng: args.rng.then_some(true),
+        rng: args.rng.map(RngSetting::With),
         console: args.console,
     };
     let file = match &args.config {

@@ -59,3 +59,46 @@ fn mmio_disk_and_pci_rng_side_by_side_survive_hostile_queues() {
     assert_eq!(r.field("hostile", "target"), "blk");
     assert_eq!(r.field("hostile", "other"), "rng@00:01.0:ok");
 }
+
+/// `--rng transport=mmio` and `--console ...,transport=mmio`: both devices are announced on
+/// the command line and work over virtio-mmio, the console's output reaching its file.
+#[test]
+fn rng_and_console_on_virtio_mmio() {
+    let dir = std::env::temp_dir().join(format!("kiln-mmio-rc-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let log = dir.join("console.log");
+    let console = format!("file:{},transport=mmio", log.display());
+    let r = ProbeRun::boot(
+        &[
+            "--rng",
+            "transport=mmio",
+            "--console",
+            &console,
+            "--cmdline",
+            "probe.checks=pci,rng,console",
+        ],
+        Duration::from_secs(60),
+    );
+    let written = std::fs::read_to_string(&log).unwrap_or_default();
+    std::fs::remove_dir_all(&dir).unwrap();
+    r.assert_clean();
+    let cmdline = r
+        .lines
+        .iter()
+        .find_map(|l| l.strip_prefix("info cmdline="))
+        .unwrap();
+    assert!(
+        cmdline.ends_with(" virtio_mmio.device=4K@0xf0000000:5 virtio_mmio.device=4K@0xf0001000:6"),
+        "{cmdline}"
+    );
+    assert_eq!(r.field("rng", "dev"), "mmio@0xf0000000");
+    assert_eq!(r.field("rng", "bytes"), "64,64");
+    assert_eq!(r.field("console", "dev"), "mmio@0xf0001000");
+    assert_eq!(written, "kiln-probe console hello\n");
+    assert!(r
+        .lines
+        .iter()
+        .any(|l| l == "info virtio-mmio base=0xf0001000 size=0x1000 irq=6 type=console"));
+    // Only the host bridge is on PCI.
+    assert_eq!(r.field("pci", "functions"), "1");
+}

@@ -417,6 +417,13 @@ fn disk_and_net_mistakes_are_clear_errors() {
     assert!(e.contains("--net") && e.contains("15 characters"), "{e}");
     let e = run(&["--net", "tap=t0,mac=01:02:03:04:05:06"]);
     assert!(e.contains("multicast"), "{e}");
+    let e = run(&["--rng", "transport=usb"]);
+    assert!(e.contains("--rng") && e.contains("transport=usb"), "{e}");
+    let e = run(&["--console", "stdio,speed=9600"]);
+    assert!(
+        e.contains("--console") && e.contains("unknown option"),
+        "{e}"
+    );
 }
 
 #[test]

@@ -92,7 +92,7 @@ fn device_state_survives_pause_save_restore_cycles() {
         entry: BootEntry::Auto,
         disks: vec![],
         nets: vec![],
-        rng: true,
+        rng: Some(kiln_vmm::config::RngConfig::default()),
         console: None,
     };
     let mut vm = Vm::build(&cfg).expect("build VM");

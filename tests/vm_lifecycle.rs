@@ -25,7 +25,7 @@ fn pause_save_restore_resume_keeps_the_guest_running() {
         entry: BootEntry::Auto,
         disks: vec![],
         nets: vec![],
-        rng: false,
+        rng: None,
         console: None,
     };
     let mut vm = Vm::build(&cfg).expect("build VM");
@@ -75,7 +75,7 @@ fn state_cannot_be_read_while_running() {
         entry: BootEntry::Auto,
         disks: vec![],
         nets: vec![],
-        rng: false,
+        rng: None,
         console: None,
     };
     let vm = Vm::build(&cfg).expect("build VM");

@@ -26,9 +26,7 @@ use kvm_bindings::{
 use kvm_ioctls::{Cap, Kvm, VmFd};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::config::{
-    BootEntry, ConsoleConfig, DiskFormat, MemorySize, SerialConfig, Transport, VmConfig,
-};
+use crate::config::{BootEntry, ConsoleTarget, DiskFormat, MemorySize, SerialConfig, VmConfig};
 use crate::console::{EscapeFilter, FdWriter, RawTerminal};
 use crate::devices::DeviceManager;
 use crate::error::{kvm_err, os_err, VmError};
@@ -324,10 +322,10 @@ fn attach_pci_root(
     )?)
 }
 
-/// `--rng`: virtio-rng on PCI.
+/// `--rng`: virtio-rng.
 fn attach_rng(devices: &mut DeviceManager, cfg: &VmConfig) -> Result<(), VmError> {
-    if cfg.rng {
-        devices.attach_virtio(Box::new(Rng::new()), Transport::Pci)?;
+    if let Some(r) = cfg.rng {
+        devices.attach_virtio(Box::new(Rng::new()), r.transport)?;
     }
     Ok(())
 }
@@ -375,13 +373,13 @@ fn attach_nets(devices: &mut DeviceManager, cfg: &VmConfig) -> Result<(), VmErro
 /// `--console`: virtio-console with one port.
 fn attach_console(devices: &mut DeviceManager, cfg: &VmConfig) -> Result<(), VmError> {
     let Some(c) = &cfg.console else { return Ok(()) };
-    let backend = match c {
-        ConsoleConfig::Stdio => ConsoleBackend::Stdio,
-        ConsoleConfig::File(p) => ConsoleBackend::File(p.clone()),
-        ConsoleConfig::Socket(p) => ConsoleBackend::Socket(p.clone()),
+    let backend = match &c.target {
+        ConsoleTarget::Stdio => ConsoleBackend::Stdio,
+        ConsoleTarget::File(p) => ConsoleBackend::File(p.clone()),
+        ConsoleTarget::Socket(p) => ConsoleBackend::Socket(p.clone()),
     };
     let console = Console::new(ConsoleParams::new(backend)).map_err(VmError::Console)?;
-    devices.attach_virtio(Box::new(console), Transport::Pci)?;
+    devices.attach_virtio(Box::new(console), c.transport)?;
     Ok(())
 }
 

@@ -1,5 +1,6 @@
-//! Device settings: `--disk`, `--net`, `--console`, given as `key=value,key=value` on the
-//! command line or as tables in the config file (`[[disk]]`, `[[net]]`).
+//! Device settings: `--disk`, `--net`, `--rng`, `--console`, given as `key=value,key=value`
+//! on the command line or in the config file (tables `[[disk]]`, `[[net]]`, `[rng]`; the
+//! console as the same string as its flag).
 
 use std::fmt;
 use std::path::PathBuf;
@@ -130,10 +131,81 @@ pub struct NetConfig {
     pub transport: Transport,
 }
 
+/// One `--rng`: `--rng` alone, or `--rng transport=mmio`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RngConfig {
+    /// Transport.
+    #[serde(default)]
+    pub transport: Transport,
+}
+
+impl FromStr for RngConfig {
+    type Err = String;
+
+    fn from_str(spec: &str) -> Result<Self, String> {
+        let mut r = RngConfig::default();
+        for (k, v) in pairs(spec)? {
+            match k {
+                "transport" => r.transport = transport(v)?,
+                _ => return Err(format!("unknown option {k:?} (options: transport)")),
+            }
+        }
+        Ok(r)
+    }
+}
+
+/// `rng` in a config file: `rng = true` (or `false`), or a table of options
+/// (`[rng]` with `transport = "mmio"`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(untagged)]
+pub enum RngSetting {
+    /// On with defaults, or off.
+    Enabled(bool),
+    /// On, with these options.
+    With(RngConfig),
+}
+
+impl RngSetting {
+    /// The device this asks for, if any.
+    pub fn device(self) -> Option<RngConfig> {
+        match self {
+            RngSetting::Enabled(true) => Some(RngConfig::default()),
+            RngSetting::Enabled(false) => None,
+            RngSetting::With(r) => Some(r),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for RngSetting {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Setting;
+        impl<'de> serde::de::Visitor<'de> for Setting {
+            type Value = RngSetting;
+
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("true, false or a table such as { transport = \"mmio\" }")
+            }
+
+            fn visit_bool<E: serde::de::Error>(self, on: bool) -> Result<RngSetting, E> {
+                Ok(RngSetting::Enabled(on))
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<RngSetting, A::Error> {
+                RngConfig::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                    .map(RngSetting::With)
+            }
+        }
+        d.deserialize_any(Setting)
+    }
+}
+
 /// Where the virtio console goes.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-#[serde(into = "String")]
-pub enum ConsoleConfig {
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ConsoleTarget {
     /// Standard input and output.
     Stdio,
     /// Output appended to a file.
@@ -142,10 +214,23 @@ pub enum ConsoleConfig {
     Socket(PathBuf),
 }
 
+/// One `--console`: `stdio`, `file:PATH` or `socket:PATH`, then options
+/// (`,transport=pci|mmio`). The config file takes the same string.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(into = "String")]
+pub struct ConsoleConfig {
+    /// Where the console goes.
+    pub target: ConsoleTarget,
+    /// Transport.
+    pub transport: Transport,
+}
+
 impl FromStr for ConsoleConfig {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, String> {
+        // Options follow the first comma, as in --disk (paths may not contain commas).
+        let (target, options) = s.split_once(',').unwrap_or((s, ""));
         let path = |p: &str, kind: &str| {
             if p.is_empty() {
                 Err(format!("{kind}: needs a path, as in {kind}:/tmp/console"))
@@ -153,24 +238,43 @@ impl FromStr for ConsoleConfig {
                 Ok(PathBuf::from(p))
             }
         };
-        if s == "stdio" {
-            Ok(Self::Stdio)
-        } else if let Some(p) = s.strip_prefix("file:") {
-            path(p, "file").map(Self::File)
-        } else if let Some(p) = s.strip_prefix("socket:") {
-            path(p, "socket").map(Self::Socket)
+        let target = if target == "stdio" {
+            ConsoleTarget::Stdio
+        } else if let Some(p) = target.strip_prefix("file:") {
+            ConsoleTarget::File(path(p, "file")?)
+        } else if let Some(p) = target.strip_prefix("socket:") {
+            ConsoleTarget::Socket(path(p, "socket")?)
         } else {
-            Err("expected stdio, file:PATH or socket:PATH".into())
+            return Err(
+                "expected stdio, file:PATH or socket:PATH, then options such as \
+                 ,transport=mmio"
+                    .into(),
+            );
+        };
+        let mut c = ConsoleConfig {
+            target,
+            transport: Transport::Pci,
+        };
+        for (k, v) in pairs(options)? {
+            match k {
+                "transport" => c.transport = transport(v)?,
+                _ => return Err(format!("unknown option {k:?} (options: transport)")),
+            }
         }
+        Ok(c)
     }
 }
 
 impl From<ConsoleConfig> for String {
     fn from(c: ConsoleConfig) -> String {
-        match c {
-            ConsoleConfig::Stdio => "stdio".into(),
-            ConsoleConfig::File(p) => format!("file:{}", p.display()),
-            ConsoleConfig::Socket(p) => format!("socket:{}", p.display()),
+        let target = match c.target {
+            ConsoleTarget::Stdio => "stdio".into(),
+            ConsoleTarget::File(p) => format!("file:{}", p.display()),
+            ConsoleTarget::Socket(p) => format!("socket:{}", p.display()),
+        };
+        match c.transport {
+            Transport::Pci => target,
+            Transport::Mmio => format!("{target},transport=mmio"),
         }
     }
 }
@@ -396,10 +500,52 @@ mod tests {
     fn console_spec() {
         assert_eq!(
             "socket:/tmp/c".parse::<ConsoleConfig>(),
-            Ok(ConsoleConfig::Socket("/tmp/c".into()))
+            Ok(ConsoleConfig {
+                target: ConsoleTarget::Socket("/tmp/c".into()),
+                transport: Transport::Pci
+            })
         );
-        assert!("socket:".parse::<ConsoleConfig>().is_err());
-        assert!("tcp:1".parse::<ConsoleConfig>().is_err());
+        let mmio: ConsoleConfig = "file:/tmp/log,transport=mmio".parse().unwrap();
+        assert_eq!(
+            (mmio.target.clone(), mmio.transport),
+            (ConsoleTarget::File("/tmp/log".into()), Transport::Mmio)
+        );
+        assert_eq!(String::from(mmio), "file:/tmp/log,transport=mmio");
+        assert_eq!(
+            "stdio,transport=pci"
+                .parse::<ConsoleConfig>()
+                .map(String::from),
+            Ok("stdio".to_string())
+        );
+        for (spec, want) in [
+            ("socket:", "needs a path"),
+            ("tcp:1", "expected stdio, file:PATH or socket:PATH"),
+            ("stdio,transport=usb", "transport=usb: expected pci or mmio"),
+            (
+                "stdio,speed=9600",
+                "unknown option \"speed\" (options: transport)",
+            ),
+            ("stdio,mmio", "\"mmio\" is not key=value"),
+        ] {
+            let e = spec.parse::<ConsoleConfig>().unwrap_err();
+            assert!(e.contains(want), "{spec}: {e}");
+        }
+    }
+
+    #[test]
+    fn rng_spec() {
+        assert_eq!("".parse::<RngConfig>(), Ok(RngConfig::default()));
+        assert_eq!(
+            "transport=mmio".parse::<RngConfig>().map(|r| r.transport),
+            Ok(Transport::Mmio)
+        );
+        let e = "transport=isa".parse::<RngConfig>().unwrap_err();
+        assert!(e.contains("transport=isa: expected pci or mmio"), "{e}");
+        let e = "rate=10".parse::<RngConfig>().unwrap_err();
+        assert!(
+            e.contains("unknown option \"rate\" (options: transport)"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -10,7 +10,10 @@ use serde::{Deserialize, Serialize};
 
 mod devices;
 
-pub use devices::{ConsoleConfig, DiskConfig, DiskFormat, MacAddr, NetConfig, Transport};
+pub use devices::{
+    ConsoleConfig, ConsoleTarget, DiskConfig, DiskFormat, MacAddr, NetConfig, RngConfig,
+    RngSetting, Transport,
+};
 
 /// Most vCPUs a config may ask for; KVM's own limit is checked when the VM is built.
 pub const MAX_CPUS: u32 = 4096;
@@ -238,8 +241,8 @@ pub struct PartialConfig {
     pub disk: Option<Vec<DiskConfig>>,
     /// virtio-net interfaces.
     pub net: Option<Vec<NetConfig>>,
-    /// A virtio-rng device.
-    pub rng: Option<bool>,
+    /// A virtio-rng device: `true`, `false` or a table of options.
+    pub rng: Option<RngSetting>,
     /// A virtio-console device.
     pub console: Option<ConsoleConfig>,
 }
@@ -304,8 +307,8 @@ pub struct VmConfig {
     pub disks: Vec<DiskConfig>,
     /// virtio-net interfaces.
     pub nets: Vec<NetConfig>,
-    /// Whether the VM has a virtio-rng device.
-    pub rng: bool,
+    /// The virtio-rng device, if any.
+    pub rng: Option<RngConfig>,
     /// The virtio console, if any.
     pub console: Option<ConsoleConfig>,
 }
@@ -370,7 +373,9 @@ impl TryFrom<PartialConfig> for VmConfig {
             n.validate()
                 .map_err(|reason| invalid("--net", &n.tap, reason))?;
         }
-        if matches!(p.console, Some(ConsoleConfig::Stdio))
+        if p.console
+            .as_ref()
+            .is_some_and(|c| c.target == ConsoleTarget::Stdio)
             && matches!(p.serial, None | Some(SerialConfig::Stdio))
         {
             return Err(invalid(
@@ -392,7 +397,7 @@ impl TryFrom<PartialConfig> for VmConfig {
             entry: p.entry.unwrap_or_default(),
             disks: p.disk.unwrap_or_default(),
             nets: p.net.unwrap_or_default(),
-            rng: p.rng.unwrap_or(false),
+            rng: p.rng.and_then(RngSetting::device),
             console: p.console,
         })
     }
@@ -524,6 +529,51 @@ mod tests {
         std::fs::write(&bad, "kernel = \"/k\"\ncpu = 2\n").unwrap();
         let e = PartialConfig::from_file(&bad).unwrap_err().to_string();
         assert!(e.contains("cpu"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn rng_and_console_take_a_transport_in_both_file_forms() {
+        let dir = std::env::temp_dir().join(format!("kiln-config-rng-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let parse = |name: &str, text: &str| {
+            let p = dir.join(name);
+            std::fs::write(&p, text).unwrap();
+            PartialConfig::from_file(&p)
+        };
+        let vm = |p: PartialConfig| VmConfig::try_from(p.merge(base())).unwrap();
+        // The old forms still work.
+        let c = vm(parse("a.toml", "rng = true\nconsole = \"socket:/tmp/c\"\n").unwrap());
+        assert_eq!(c.rng, Some(RngConfig::default()));
+        assert_eq!(c.console.unwrap().transport, Transport::Pci);
+        assert_eq!(vm(parse("b.toml", "rng = false\n").unwrap()).rng, None);
+        // Tables and options.
+        let t = "console = \"file:/tmp/l,transport=mmio\"\n[rng]\ntransport = \"mmio\"\n";
+        let c = vm(parse("c.toml", t).unwrap());
+        assert_eq!(c.rng.map(|r| r.transport), Some(Transport::Mmio));
+        assert_eq!(c.console.unwrap().transport, Transport::Mmio);
+        let j = r#"{"rng": {"transport": "mmio"}, "console": "stdio,transport=mmio"}"#;
+        let p = parse("d.json", j).unwrap();
+        assert_eq!(
+            p.rng,
+            Some(RngSetting::With(RngConfig {
+                transport: Transport::Mmio
+            }))
+        );
+        // Mistakes name what was wrong.
+        for (name, text, want) in [
+            ("e.toml", "[rng]\ntransport = \"usb\"\n", "usb"),
+            ("f.toml", "[rng]\nrate = 1\n", "rate"),
+            ("g.toml", "rng = \"yes\"\n", "true, false or a table"),
+            (
+                "h.toml",
+                "console = \"stdio,transport=isa\"\n",
+                "transport=isa",
+            ),
+        ] {
+            let e = parse(name, text).unwrap_err().to_string();
+            assert!(e.contains(want), "{text}: {e}");
+        }
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
