@@ -148,6 +148,16 @@ impl Tap {
         Ok(tap)
     }
 
+    /// Any file standing in for a tap queue (tests drive the worker through a socket that
+    /// they can fill up, which a tap never is).
+    #[cfg(test)]
+    pub(crate) fn from_file(file: File, name: &str) -> Tap {
+        Tap {
+            file,
+            name: name.to_owned(),
+        }
+    }
+
     /// The interface name.
     pub fn name(&self) -> &str {
         &self.name
