@@ -38,19 +38,12 @@ fn mmio_disk_and_pci_rng_side_by_side_survive_hostile_queues() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
     r.assert_clean();
-    let cmdline = r
-        .lines
-        .iter()
-        .find_map(|l| l.strip_prefix("info cmdline="))
-        .unwrap();
+    let cmdline = r.cmdline();
     assert!(
         cmdline.ends_with(" virtio_mmio.device=4K@0xf0000000:5"),
         "{cmdline}"
     );
-    assert!(r
-        .lines
-        .iter()
-        .any(|l| l == "info virtio-mmio base=0xf0000000 size=0x1000 irq=5 type=blk"));
+    assert!(r.has_line("info virtio-mmio base=0xf0000000 size=0x1000 irq=5 type=blk"));
     assert_eq!(r.field("blk", "dev"), "mmio@0xf0000000");
     assert_eq!(r.field("blk", "serial"), "mmio0");
     assert_eq!(r.field("blk", "read"), "1048576");
@@ -82,11 +75,7 @@ fn rng_and_console_on_virtio_mmio() {
     let written = std::fs::read_to_string(&log).unwrap_or_default();
     std::fs::remove_dir_all(&dir).unwrap();
     r.assert_clean();
-    let cmdline = r
-        .lines
-        .iter()
-        .find_map(|l| l.strip_prefix("info cmdline="))
-        .unwrap();
+    let cmdline = r.cmdline();
     assert!(
         cmdline.ends_with(" virtio_mmio.device=4K@0xf0000000:5 virtio_mmio.device=4K@0xf0001000:6"),
         "{cmdline}"
@@ -95,10 +84,7 @@ fn rng_and_console_on_virtio_mmio() {
     assert_eq!(r.field("rng", "bytes"), "64,64");
     assert_eq!(r.field("console", "dev"), "mmio@0xf0001000");
     assert_eq!(written, "kiln-probe console hello\n");
-    assert!(r
-        .lines
-        .iter()
-        .any(|l| l == "info virtio-mmio base=0xf0001000 size=0x1000 irq=6 type=console"));
+    assert!(r.has_line("info virtio-mmio base=0xf0001000 size=0x1000 irq=6 type=console"));
     // Only the host bridge is on PCI.
     assert_eq!(r.field("pci", "functions"), "1");
 }

@@ -212,6 +212,24 @@ impl ProbeRun {
             .to_string()
     }
 
+    /// The kernel command line the probe saw (its `info cmdline=` line).
+    pub fn cmdline(&self) -> &str {
+        self.lines
+            .iter()
+            .find_map(|l| l.strip_prefix("info cmdline="))
+            .unwrap_or_else(|| {
+                panic!(
+                    "no `PROBE info cmdline=` line in:\n{}",
+                    self.lines.join("\n")
+                )
+            })
+    }
+
+    /// Whether the probe printed exactly `line` (without its `PROBE ` prefix).
+    pub fn has_line(&self, line: &str) -> bool {
+        self.lines.iter().any(|l| l == line)
+    }
+
     /// Asserts the run ended cleanly: every check passed, power-off, exit status 0.
     pub fn assert_clean(&self) {
         let summary = self.line("summary");

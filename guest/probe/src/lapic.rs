@@ -3,6 +3,7 @@
 //! registers as MSRs through the ring-0 service gate. The `msix` check uses
 //! it to hold interrupts off with the task priority and to read the IRR.
 
+use crate::clock::Clock;
 use crate::io::{mmio_read32, mmio_write32};
 use crate::util::Reason;
 use crate::{reason, ring0};
@@ -128,6 +129,20 @@ impl Lapic {
     pub fn irr_has(&self, vector: u8) -> bool {
         let (reg, bit) = irr_bit(vector);
         self.read(reg) & (1 << bit) != 0
+    }
+
+    /// Polls the IRR for `vector` for up to `ms`; whether it arrived.
+    pub fn wait_irr(&self, vector: u8, ms: u64, clock: &Clock) -> bool {
+        let d = clock.deadline_ms(ms);
+        loop {
+            if self.irr_has(vector) {
+                return true;
+            }
+            if d.expired() {
+                return false;
+            }
+            clock.sleep_us(50);
+        }
     }
 }
 

@@ -98,20 +98,6 @@ impl Ioapic {
     }
 }
 
-/// Polls the IRR for `vector` for up to `ms`.
-fn arrives(apic: &Lapic, vector: u8, ms: u64, clock: &Clock) -> bool {
-    let d = clock.deadline_ms(ms);
-    loop {
-        if apic.irr_has(vector) {
-            return true;
-        }
-        if d.expired() {
-            return false;
-        }
-        clock.sleep_us(50);
-    }
-}
-
 /// Lets the CPU take `vector` (the ring-0 handler EOIs it), then holds
 /// interrupts off again.
 fn eoi(apic: &Lapic, vector: u8, clock: &Clock) -> Result<(), Reason> {
@@ -170,7 +156,7 @@ fn exercise(pci: &Pci, ioapic: u64, dev: &Dev, dma: &mut Dma, clock: &Clock) -> 
         let q = &mut d.queues[0];
         q.want_interrupts();
         request(&d.t, q, &[Seg::inp(buf, READ)], clock, 2000)?;
-        if !arrives(&apic, VECTOR, DELIVER_MS, clock) {
+        if !apic.wait_irr(VECTOR, DELIVER_MS, clock) {
             return Err(reason!(
                 "{}: used ring moved but vector {:#x} (GSI {}, entry {:#x}) was not in the IRR within {} ms",
                 bdf,
@@ -185,7 +171,7 @@ fn exercise(pci: &Pci, ioapic: u64, dev: &Dev, dma: &mut Dma, clock: &Clock) -> 
         q.want_interrupts();
         request(&d.t, q, &[Seg::inp(buf, READ)], clock, 2000)?;
         eoi(&apic, VECTOR, clock)?;
-        if !arrives(&apic, VECTOR, DELIVER_MS, clock) {
+        if !apic.wait_irr(VECTOR, DELIVER_MS, clock) {
             return Err(reason!(
                 "{}: interrupt lost: a request completed while vector {:#x} was in service (ISR read {:#x} before it), \
                  and after the EOI the vector was not delivered again",
@@ -197,7 +183,7 @@ fn exercise(pci: &Pci, ioapic: u64, dev: &Dev, dma: &mut Dma, clock: &Clock) -> 
         // Acknowledged before the EOI: no further delivery.
         let second = d.t.isr();
         eoi(&apic, VECTOR, clock)?;
-        if arrives(&apic, VECTOR, HOLD_MS, clock) {
+        if apic.wait_irr(VECTOR, HOLD_MS, clock) {
             return Err(reason!(
                 "{}: vector {:#x} delivered again after the ISR was read ({:#x}) and EOI'd",
                 bdf,

@@ -122,20 +122,6 @@ impl Entry {
     }
 }
 
-/// Polls the IRR for `vector` for up to `ms`.
-fn arrives(apic: &Lapic, vector: u8, ms: u64, clock: &Clock) -> bool {
-    let d = clock.deadline_ms(ms);
-    loop {
-        if apic.irr_has(vector) {
-            return true;
-        }
-        if d.expired() {
-            return false;
-        }
-        clock.sleep_us(50);
-    }
-}
-
 fn exercise(pci: &Pci, dev: &Dev, enable: bool, dma: &mut Dma, clock: &Clock) -> Result<Report, Reason> {
     let DevId::Pci(bdf) = dev.id else {
         return Err(reason!("{}: not a PCI function", dev.id));
@@ -183,7 +169,7 @@ fn exercise(pci: &Pci, dev: &Dev, enable: bool, dma: &mut Dma, clock: &Clock) ->
         let q = &mut d.queues[0];
         q.want_interrupts();
         request(&d.t, q, &[Seg::inp(buf, READ)], clock, 2000)?;
-        let arrived = arrives(&apic, VECTOR, if enable { DELIVER_MS } else { HOLD_MS }, clock);
+        let arrived = apic.wait_irr(VECTOR, if enable { DELIVER_MS } else { HOLD_MS }, clock);
         if !enable {
             if arrived {
                 return Err(reason!("{}: MSI-X is disabled but vector {:#x} reached the IRR", bdf, VECTOR));
@@ -202,13 +188,13 @@ fn exercise(pci: &Pci, dev: &Dev, enable: bool, dma: &mut Dma, clock: &Clock) ->
         // Masked: the message must wait (PBA bit set) and go out on unmask.
         entry_regs.program(address, MASKED_VECTOR, true);
         request(&d.t, q, &[Seg::inp(buf, READ)], clock, 2000)?;
-        if arrives(&apic, MASKED_VECTOR, HOLD_MS, clock) {
+        if apic.wait_irr(MASKED_VECTOR, HOLD_MS, clock) {
             return Err(reason!("{}: masked entry {} delivered vector {:#x}", bdf, entry, MASKED_VECTOR));
         }
         // SAFETY: the PBA word lies in an assigned memory BAR (checked above).
         let pending = unsafe { mmio_read32(pba) } & (1 << pba_bit) != 0;
         entry_regs.mask(false);
-        if !arrives(&apic, MASKED_VECTOR, DELIVER_MS, clock) {
+        if !apic.wait_irr(MASKED_VECTOR, DELIVER_MS, clock) {
             return Err(reason!(
                 "{}: vector {:#x} held by the mask was not delivered on unmask (PBA bit was {})",
                 bdf,
