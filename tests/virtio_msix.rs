@@ -2,7 +2,9 @@
 //! aims a table entry at its own local APIC and checks, with the task priority raised so
 //! nothing is delivered, that the vector lands in the APIC's IRR once the device completes a
 //! request (KVM MSI route + irqfd), that a masked entry holds it back with its PBA bit set
-//! until it is unmasked, and that nothing arrives while MSI-X is disabled.
+//! until it is unmasked, that the function mask does the same for an unmasked entry (a second
+//! message while masked is not lost), that a message for APIC 1 reaches CPU 1's IRR and not
+//! CPU 0's, and that nothing arrives while MSI-X is disabled.
 
 mod common;
 
@@ -28,6 +30,36 @@ fn virtio_rng_msix_vector_reaches_the_local_apic() {
         "set",
         "kiln keeps a masked vector's pending bit"
     );
+    // Then the function mask with the entry unmasked: two reads held back (the pending bit
+    // set after each), one delivery when the mask is cleared.
+    assert_eq!(r.field("msix", "fmask_vector"), "0x43");
+    assert_eq!(
+        r.field("msix", "fmask_pba"),
+        "set",
+        "kiln keeps the pending bit of a vector held by the function mask"
+    );
+    // One vCPU: no other APIC to aim at.
+    assert_eq!(r.field("msix", "other_apic"), "none");
+}
+
+#[test]
+fn msix_message_for_apic_1_reaches_cpu_1_only() {
+    let r = ProbeRun::boot(
+        &[
+            "--rng",
+            "--cpus",
+            "2",
+            "--cmdline",
+            "probe.checks=smp,pci,msix",
+        ],
+        Duration::from_secs(60),
+    );
+    r.assert_clean();
+    assert_eq!(r.field("smp", "cpus"), "2");
+    assert_eq!(r.field("msix", "apic"), "xapic:0");
+    assert_eq!(r.field("msix", "other_vector"), "0x44");
+    // In APIC 1's IRR (read by CPU 1 itself), and not in APIC 0's.
+    assert_eq!(r.field("msix", "other_apic"), "1");
 }
 
 #[test]
@@ -45,6 +77,8 @@ fn msix_still_works_after_hostile_queues_and_with_several_vcpus() {
     r.assert_clean();
     r.ok("hostile");
     assert_eq!(r.field("msix", "pba"), "set");
+    assert_eq!(r.field("msix", "fmask_pba"), "set");
+    assert_ne!(r.field("msix", "other_apic"), "none");
 }
 
 #[test]

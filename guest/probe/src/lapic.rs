@@ -3,8 +3,11 @@
 //! registers as MSRs through the ring-0 service gate. The `msix` check uses
 //! it to hold interrupts off with the task priority and to read the IRR.
 
+use core::sync::atomic::Ordering;
+
 use crate::clock::Clock;
 use crate::io::{mmio_read32, mmio_write32};
+use crate::ring0::{ApicCall, APIC_CALL_READ, APIC_CALL_WRITE, PROBE_APIC_CALL};
 use crate::util::Reason;
 use crate::{reason, ring0};
 
@@ -19,6 +22,13 @@ const REG_ID: u32 = 0x20;
 const REG_TPR: u32 = 0x80;
 const REG_SVR: u32 = 0xf0;
 const REG_IRR: u32 = 0x200;
+const REG_ICR_LO: u32 = 0x300;
+const REG_ICR_HI: u32 = 0x310;
+
+/// ICR: delivery mode NMI, level assert, physical destination, no shorthand.
+const ICR_NMI: u32 = 0x4400;
+/// How long another CPU may take to answer an [`ApicCall`].
+const CALL_MS: u64 = 100;
 
 /// SVR: APIC software enable, spurious vector 0xff (its IDT entry just returns).
 const SVR_ENABLE_SPURIOUS_FF: u32 = 0x1ff;
@@ -144,6 +154,77 @@ impl Lapic {
             clock.sleep_us(50);
         }
     }
+
+    /// Sends an NMI to the CPU with APIC id `dest`.
+    ///
+    /// # Safety
+    /// That CPU's NMI handler must expect it (a posted [`ApicCall`]):
+    /// otherwise it reports a fault and powers off.
+    unsafe fn send_nmi(&self, dest: u32) {
+        match *self {
+            Lapic::X(base) => {
+                // SAFETY: as in `read`; the ICR write sends the one NMI the
+                // caller vouches for, the high word names its destination.
+                unsafe {
+                    mmio_write32(base + u64::from(REG_ICR_HI), dest << 24);
+                    mmio_write32(base + u64::from(REG_ICR_LO), ICR_NMI);
+                }
+            }
+            // SAFETY: the x2APIC ICR MSR takes destination and command in one write.
+            Lapic::X2 => unsafe {
+                ring0::wrmsr(X2APIC_MSR_BASE + REG_ICR_LO / 16, u64::from(dest) << 32 | u64::from(ICR_NMI))
+            },
+        }
+    }
+}
+
+/// Another CPU's local APIC, reached by posting an [`ApicCall`] and sending
+/// that CPU an NMI (its ring-0 handler does the access). The CPU must be an
+/// AP parked by the `smp` check in one of the first `AP_NMI_STACKS` slots.
+pub struct RemoteLapic<'a> {
+    local: &'a Lapic,
+    pub id: u32,
+    clock: &'a Clock,
+}
+
+impl<'a> RemoteLapic<'a> {
+    pub fn new(local: &'a Lapic, id: u32, clock: &'a Clock) -> RemoteLapic<'a> {
+        RemoteLapic { local, id, clock }
+    }
+
+    fn call(&self, op: u32, reg: u32, value: u32) -> Result<u32, Reason> {
+        let c: &ApicCall = &PROBE_APIC_CALL;
+        if c.op.load(Ordering::Acquire) != 0 {
+            return Err(reason!("an earlier call to another CPU's APIC was never answered"));
+        }
+        c.reg.store(reg, Ordering::Relaxed);
+        c.value.store(value, Ordering::Relaxed);
+        c.op.store(op, Ordering::Release);
+        // SAFETY: the call is posted, so the target's NMI handler performs it.
+        unsafe { self.local.send_nmi(self.id) };
+        let d = self.clock.deadline_ms(CALL_MS);
+        while c.op.load(Ordering::Acquire) != 0 {
+            if d.expired() {
+                return Err(reason!("APIC {} did not answer an NMI within {} ms", self.id, CALL_MS));
+            }
+            self.clock.sleep_us(20);
+        }
+        Ok(c.value.load(Ordering::Acquire))
+    }
+
+    /// Sets SVR's software-enable bit, as [`Lapic::software_enable`] does.
+    pub fn software_enable(&self) -> Result<(), Reason> {
+        let svr = self.call(APIC_CALL_READ, REG_SVR, 0)?;
+        self.call(APIC_CALL_WRITE, REG_SVR, svr | SVR_ENABLE_SPURIOUS_FF)?;
+        Ok(())
+    }
+
+    /// Whether `vector` is pending in that CPU's IRR. The APs run with
+    /// interrupts off, so a signalled vector stays there.
+    pub fn irr_has(&self, vector: u8) -> Result<bool, Reason> {
+        let (reg, bit) = irr_bit(vector);
+        Ok(self.call(APIC_CALL_READ, reg, 0)? & (1 << bit) != 0)
+    }
 }
 
 #[cfg(test)]
@@ -159,6 +240,15 @@ mod tests {
         // The x2APIC MSR of IRR[2] is 0x822.
         assert_eq!(X2APIC_MSR_BASE + irr_bit(0x41).0 / 16, 0x822);
         assert_eq!(X2APIC_MSR_BASE + REG_TPR / 16, 0x808);
+    }
+
+    #[test]
+    fn nmi_ipis_name_one_destination() {
+        // Delivery mode 100b (NMI), assert, no shorthand, physical destination.
+        assert_eq!((ICR_NMI >> 8) & 7, 4);
+        assert_eq!(ICR_NMI & (1 << 14), 1 << 14);
+        assert_eq!(ICR_NMI & (3 << 18 | 1 << 11), 0);
+        assert_eq!(X2APIC_MSR_BASE + REG_ICR_LO / 16, 0x830);
     }
 
     #[test]

@@ -84,6 +84,27 @@ pub static PROBE_AP_STARTED: AtomicU32 = AtomicU32::new(0);
 /// x2APIC ids of the started APs, in start order.
 #[no_mangle]
 pub static PROBE_AP_IDS: [AtomicU32; AP_IDS_MAX] = [const { AtomicU32::new(0) }; AP_IDS_MAX];
+/// APs in the first this many slots of [`PROBE_AP_IDS`] get a ring-0 stack for
+/// NMIs, so [`PROBE_APIC_CALL`] reaches them (matches AP_NMI_STACKS in asm).
+pub const AP_NMI_STACKS: usize = 256;
+
+/// An access to another CPU's local APIC, done by that CPU's NMI handler.
+#[repr(C)]
+pub struct ApicCall {
+    /// 0 none (the handler stores 0 when done), 1 read, 2 write.
+    pub op: AtomicU32,
+    /// xAPIC register offset (x2APIC MSR 0x800 + reg / 16 in x2APIC mode).
+    pub reg: AtomicU32,
+    /// The value to write; the result when done.
+    pub value: AtomicU32,
+}
+
+pub const APIC_CALL_READ: u32 = 1;
+pub const APIC_CALL_WRITE: u32 = 2;
+
+#[no_mangle]
+pub static PROBE_APIC_CALL: ApicCall =
+    ApicCall { op: AtomicU32::new(0), reg: AtomicU32::new(0), value: AtomicU32::new(0) };
 
 /// Records the power-off method for both ring 3 and the fault handler.
 pub fn set_poweroff(kind: u32, addr: u64, value: u32) {

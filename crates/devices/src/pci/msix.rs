@@ -383,6 +383,54 @@ mod tests {
         assert!(fired(&m, 0));
     }
 
+    fn pba(m: &Msix) -> u8 {
+        let mut b = [0u8; 8];
+        m.read_pba(0, &mut b);
+        b[0]
+    }
+
+    #[test]
+    fn function_mask_sets_the_pba_and_coalesces_until_cleared() {
+        let (mut m, _) = msix(2);
+        m.set_control(CONTROL_ENABLE);
+        program(&mut m, 1, 0x43, false);
+        m.set_control(CONTROL_ENABLE | CONTROL_FUNCTION_MASK);
+        assert!(m.trigger(1));
+        assert!(!fired(&m, 1), "routed, but the function is masked");
+        assert_eq!(pba(&m), 0b10);
+        assert!(m.trigger(1));
+        assert_eq!(pba(&m), 0b10, "a second message stays pending");
+        let mut c = [0u8; 4];
+        m.read_table(16 + 12, &mut c);
+        assert_eq!(
+            u32::from_le_bytes(c),
+            0,
+            "the vector's own mask bit is untouched"
+        );
+        m.set_control(CONTROL_ENABLE);
+        assert_eq!(
+            m.irqfd(1).unwrap().read().unwrap(),
+            1,
+            "one message for both: MSI-X coalesces per vector"
+        );
+        assert_eq!(pba(&m), 0);
+        assert!(!fired(&m, 0), "vector 0 had nothing pending");
+    }
+
+    #[test]
+    fn clearing_the_function_mask_leaves_masked_vectors_pending() {
+        let (mut m, _) = msix(1);
+        m.set_control(CONTROL_ENABLE | CONTROL_FUNCTION_MASK);
+        program(&mut m, 0, 0x44, true);
+        assert!(m.trigger(0));
+        m.set_control(CONTROL_ENABLE);
+        assert!(!fired(&m, 0));
+        assert_eq!(pba(&m), 1);
+        m.write_table(12, &0u32.to_le_bytes());
+        assert!(fired(&m, 0));
+        assert_eq!(pba(&m), 0);
+    }
+
     #[test]
     fn a_new_message_on_a_live_vector_is_rerouted_once() {
         let (mut m, r) = msix(1);

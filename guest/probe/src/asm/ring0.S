@@ -9,7 +9,8 @@
  *             a shared iretq handler for vectors 32..255, and the ud2-based
  *             service gate that ring 3 uses for the few privileged things.
  *   APs:      a real-mode trampoline (copied below 1 MiB by ring 3) and the
- *             32/64-bit code that records the AP's APIC id and halts.
+ *             32/64-bit code that records the AP's APIC id and halts; an NMI
+ *             handler through which ring 3 reaches another CPU's APIC.
  *
  * Everything else is Rust in ring 3.  The GDT, IDT, TSS and page tables are
  * assembled as data (zero instructions to build them): the `.boot` section is
@@ -34,6 +35,9 @@
 .set TSS_LIMIT,     104 + IOPB_SIZE /* includes the 0xff terminator byte */
 .set SVC_MAGIC,     0x6b696c6e      /* "kiln": %rax value that marks a service ud2 */
 .set AP_IDS_MAX,    4096            /* must match smp::AP_IDS_MAX */
+.set AP_NMI_STACKS, 256             /* must match ring0::AP_NMI_STACKS */
+.set AP_NMI_STACK,  128             /* bytes: the NMI frame and three registers */
+.set MSR_APIC_BASE, 0x1b
 
 /*
  * (IMAGE_BASE + (label - boot_start)) is the absolute address of a label in
@@ -130,6 +134,8 @@ exc_stubs:
     .p2align 4
     .if vec == 6
     jmp ud_handler
+    .elseif vec == 2
+    jmp nmi_handler
     .elseif vec == 8 || (vec >= 10 && vec <= 14) || vec == 17 || vec == 21 || vec == 29 || vec == 30
     pushq $vec
     jmp fault_common
@@ -146,6 +152,52 @@ irq_handler:
     push %rax
     movabs $0xfee000b0, %rax        /* xAPIC EOI; harmless if nothing is in service */
     movl $0, (%rax)
+    pop %rax
+    iretq
+
+/*
+ * NMI: another CPU's ring 3 posted an access to this CPU's local APIC in
+ * PROBE_APIC_CALL (op 1 read, 2 write; reg = xAPIC offset, also in x2APIC
+ * mode) and sent this CPU an NMI.  The result (the value read, or written)
+ * goes to .value, then op back to 0.  With no call posted an NMI is a fault.
+ */
+nmi_handler:
+    cmpl $0, PROBE_APIC_CALL(%rip)
+    jne 1f
+    pushq $0
+    pushq $2
+    jmp fault_common
+1:  push %rax
+    push %rcx
+    push %rdx
+    mov $MSR_APIC_BASE, %ecx
+    rdmsr
+    mov PROBE_APIC_CALL+4(%rip), %ecx
+    test $0x400, %eax               /* x2APIC mode? */
+    jnz 3f
+    and $0xfffff000, %eax           /* xAPIC page (below 4 GiB, identity mapped) */
+    add %rcx, %rax
+    mov PROBE_APIC_CALL+8(%rip), %edx
+    cmpl $2, PROBE_APIC_CALL(%rip)
+    jne 2f
+    mov %edx, (%rax)
+    mov %edx, %eax
+    jmp 5f
+2:  mov (%rax), %eax
+    jmp 5f
+3:  shr $4, %ecx
+    add $0x800, %ecx
+    cmpl $2, PROBE_APIC_CALL(%rip)
+    je 4f
+    rdmsr
+    jmp 5f
+4:  mov PROBE_APIC_CALL+8(%rip), %eax
+    xor %edx, %edx
+    wrmsr
+5:  mov %eax, PROBE_APIC_CALL+8(%rip)
+    movl $0, PROBE_APIC_CALL(%rip)
+    pop %rdx
+    pop %rcx
     pop %rax
     iretq
 
@@ -364,6 +416,12 @@ ap_entry64:
     jae 3f
     lea PROBE_AP_IDS(%rip), %rdx
     mov %esi, (%rdx,%rax,4)
+    cmp $AP_NMI_STACKS, %eax        /* a stack for NMIs (the first slots only) */
+    jae 3f
+    inc %eax
+    shl $7, %eax                    /* * AP_NMI_STACK */
+    lea ap_nmi_stacks(%rip), %rsp
+    add %rax, %rsp
 3:  lock incl PROBE_AP_STARTED(%rip)
 4:  cli                             /* never spin: park the vCPU for good */
     hlt
@@ -479,6 +537,9 @@ stack0_top:
     .skip 128 * 1024
 .global stack3_top
 stack3_top:
+.p2align 4
+ap_nmi_stacks:
+    .skip AP_NMI_STACKS * AP_NMI_STACK
 
 /* Ring 3 starts here: zero .bss, then call Rust. */
 .text

@@ -10,16 +10,27 @@
 //! read posted with interrupts wanted; once the used ring moved, the vector
 //! must show in the IRR. Then the entry is masked and retargeted to
 //! [`MASKED_VECTOR`]: another read must leave the IRR clear (and sets the
-//! entry's PBA bit, reported), and unmasking must deliver it.
+//! entry's PBA bit, reported), and unmasking must deliver it. Last the
+//! function mask: the entry unmasked with [`FMASK_VECTOR`] but the function
+//! masked in message control, two reads must leave the IRR clear with the
+//! PBA bit set after each (a second message must not undo the first), and
+//! clearing the function mask must deliver the vector (once is enough: MSI-X
+//! keeps one pending bit per vector) and clear the PBA bit. When the `smp`
+//! check started an AP, the entry is last aimed at that AP's APIC with
+//! [`OTHER_VECTOR`]: a read must put it in the AP's IRR (read by the AP
+//! itself, see [`RemoteLapic`]) and not in this CPU's.
 //!
 //! With `probe.msix_enable=0` MSI-X stays disabled and the same unmasked
 //! entry and request must leave the IRR clear.
 
+use core::sync::atomic::Ordering;
+
 use crate::clock::Clock;
 use crate::dma::Dma;
 use crate::io::{mmio_read32, mmio_write32};
-use crate::lapic::{msi_address, Lapic, TPR_BLOCK_ALL};
+use crate::lapic::{msi_address, Lapic, RemoteLapic, TPR_BLOCK_ALL};
 use crate::pci::{Bdf, Config, Function, Pci, CAP_MSIX};
+use crate::ring0::{AP_NMI_STACKS, PROBE_AP_IDS, PROBE_AP_SLOT, PROBE_AP_STARTED};
 use crate::util::Reason;
 use crate::{emit, reason};
 
@@ -30,6 +41,10 @@ use super::{open, request, Dev, DevId, Devs, Seg, TYPE_RNG};
 pub const VECTOR: u8 = 0x41;
 /// The vector the masked entry is retargeted to.
 pub const MASKED_VECTOR: u8 = 0x42;
+/// The vector the entry sends while the whole function is masked.
+pub const FMASK_VECTOR: u8 = 0x43;
+/// The vector the entry sends to another CPU.
+pub const OTHER_VECTOR: u8 = 0x44;
 /// How long a signalled vector may take to show in the IRR.
 const DELIVER_MS: u64 = 1000;
 /// How long a vector that must not arrive is watched for.
@@ -91,9 +106,28 @@ struct Report {
     entry: u16,
     apic_id: u32,
     apic: &'static str,
-    /// The entry's PBA bit while it was masked with a message pending
-    /// (`None` with MSI-X disabled).
-    pba: Option<bool>,
+    /// With MSI-X enabled: what [`Masks`] says.
+    masks: Option<Masks>,
+}
+
+struct Masks {
+    /// The entry's PBA bit while it was masked with a message pending.
+    pba: bool,
+    /// The same while the function was masked.
+    fmask_pba: bool,
+    /// The other CPU's APIC id, when an AP was there to target.
+    other: Option<u32>,
+}
+
+/// An AP the `smp` check started that can answer [`RemoteLapic`] calls.
+fn other_cpu(own_id: u32) -> Option<u32> {
+    let started = PROBE_AP_STARTED.load(Ordering::Acquire) as usize;
+    let slots = (PROBE_AP_SLOT.load(Ordering::Acquire) as usize).min(started);
+    PROBE_AP_IDS
+        .iter()
+        .take(slots.min(AP_NMI_STACKS))
+        .map(|id| id.load(Ordering::Acquire))
+        .find(|&id| id != own_id && id <= 0xff)
 }
 
 /// One MSI-X table entry of the function under test.
@@ -106,6 +140,11 @@ impl Entry {
         // SAFETY: the entry lies in the function's assigned memory BAR (checked
         // by `MsixCap::locate`), identity mapped; the table takes dword writes.
         unsafe { mmio_write32(self.addr + 4 * word, v) }
+    }
+
+    fn read(&self, word: u64) -> u32 {
+        // SAFETY: as in `write`; table reads have no side effects.
+        unsafe { mmio_read32(self.addr + 4 * word) }
     }
 
     fn mask(&self, masked: bool) {
@@ -145,7 +184,7 @@ fn exercise(pci: &Pci, dev: &Dev, enable: bool, dma: &mut Dma, clock: &Clock) ->
     if apic.tpr() != TPR_BLOCK_ALL {
         return Err(reason!("{} TPR reads {:#x} after writing {:#x}", apic.mode_name(), apic.tpr(), TPR_BLOCK_ALL));
     }
-    for v in [VECTOR, MASKED_VECTOR] {
+    for v in [VECTOR, MASKED_VECTOR, FMASK_VECTOR, OTHER_VECTOR] {
         if apic.irr_has(v) {
             return Err(reason!("vector {:#x} already pending in the IRR before the device was set up", v));
         }
@@ -157,6 +196,11 @@ fn exercise(pci: &Pci, dev: &Dev, enable: bool, dma: &mut Dma, clock: &Clock) ->
     let control = cfg.read16(bdf, ctrl_off) & !CONTROL_FUNCTION_MASK;
     let control = if enable { control | CONTROL_ENABLE } else { control & !CONTROL_ENABLE };
     cfg.write16(bdf, ctrl_off, control);
+    let pba_set = || {
+        // SAFETY: the PBA word lies in an assigned memory BAR (checked above).
+        let word = unsafe { mmio_read32(pba) };
+        word & (1 << pba_bit) != 0
+    };
     let result = (|| {
         if enable && cfg.read16(bdf, ctrl_off) & CONTROL_ENABLE == 0 {
             return Err(reason!("{}: MSI-X enable does not stick (control {:#x})", bdf, cfg.read16(bdf, ctrl_off)));
@@ -191,8 +235,7 @@ fn exercise(pci: &Pci, dev: &Dev, enable: bool, dma: &mut Dma, clock: &Clock) ->
         if apic.wait_irr(MASKED_VECTOR, HOLD_MS, clock) {
             return Err(reason!("{}: masked entry {} delivered vector {:#x}", bdf, entry, MASKED_VECTOR));
         }
-        // SAFETY: the PBA word lies in an assigned memory BAR (checked above).
-        let pending = unsafe { mmio_read32(pba) } & (1 << pba_bit) != 0;
+        let pending = pba_set();
         entry_regs.mask(false);
         if !apic.wait_irr(MASKED_VECTOR, DELIVER_MS, clock) {
             return Err(reason!(
@@ -202,11 +245,104 @@ fn exercise(pci: &Pci, dev: &Dev, enable: bool, dma: &mut Dma, clock: &Clock) ->
                 u8::from(pending)
             ));
         }
-        // SAFETY: as above.
-        if pending && unsafe { mmio_read32(pba) } & (1 << pba_bit) != 0 {
+        if pending && pba_set() {
             return Err(reason!("{}: PBA bit of entry {} still set after its message went out", bdf, entry));
         }
-        Ok(Some(pending))
+
+        // Function mask: the entry is unmasked, the function masked.
+        cfg.write16(bdf, ctrl_off, control | CONTROL_FUNCTION_MASK);
+        if cfg.read16(bdf, ctrl_off) & CONTROL_FUNCTION_MASK == 0 {
+            return Err(reason!(
+                "{}: MSI-X function mask does not stick (control {:#x})",
+                bdf,
+                cfg.read16(bdf, ctrl_off)
+            ));
+        }
+        entry_regs.program(address, FMASK_VECTOR, false);
+        let mut fpending = true;
+        for n in 1..=2 {
+            request(&d.t, q, &[Seg::inp(buf, READ)], clock, 2000)?;
+            if apic.wait_irr(FMASK_VECTOR, HOLD_MS, clock) {
+                return Err(reason!(
+                    "{}: function masked, but entry {} delivered vector {:#x} (read {})",
+                    bdf,
+                    entry,
+                    FMASK_VECTOR,
+                    n
+                ));
+            }
+            let p = pba_set();
+            if n == 2 && fpending && !p {
+                return Err(reason!(
+                    "{}: a second message under the function mask cleared entry {}'s PBA bit",
+                    bdf,
+                    entry
+                ));
+            }
+            fpending &= p;
+        }
+        if pending && !fpending {
+            return Err(reason!(
+                "{}: PBA bit of entry {} set under its own mask but not under the function mask",
+                bdf,
+                entry
+            ));
+        }
+        if entry_regs.read(3) & VECTOR_MASKED != 0 {
+            return Err(reason!("{}: the function mask set entry {}'s own mask bit", bdf, entry));
+        }
+        cfg.write16(bdf, ctrl_off, control);
+        if !apic.wait_irr(FMASK_VECTOR, DELIVER_MS, clock) {
+            return Err(reason!(
+                "{}: vector {:#x} held by the function mask was not delivered when it was cleared (PBA bit was {})",
+                bdf,
+                FMASK_VECTOR,
+                u8::from(fpending)
+            ));
+        }
+        if fpending && pba_set() {
+            return Err(reason!("{}: PBA bit of entry {} still set after the function mask was cleared", bdf, entry));
+        }
+
+        // Another CPU: the AP's APIC must be software-enabled to accept it.
+        let other = match other_cpu(apic_id) {
+            None => None,
+            Some(id) => {
+                let remote = RemoteLapic::new(&apic, id, clock);
+                remote.software_enable()?;
+                if remote.irr_has(OTHER_VECTOR)? {
+                    return Err(reason!("vector {:#x} already pending in APIC {}'s IRR", OTHER_VECTOR, id));
+                }
+                let to = msi_address(id).ok_or_else(|| reason!("APIC id {} needs an extended destination", id))?;
+                entry_regs.program(to, OTHER_VECTOR, false);
+                request(&d.t, q, &[Seg::inp(buf, READ)], clock, 2000)?;
+                let dl = clock.deadline_ms(DELIVER_MS);
+                while !remote.irr_has(OTHER_VECTOR)? {
+                    if dl.expired() {
+                        return Err(reason!(
+                            "{}: entry {} aimed at APIC {}, but vector {:#x} was not in its IRR within {} ms",
+                            bdf,
+                            entry,
+                            id,
+                            OTHER_VECTOR,
+                            DELIVER_MS
+                        ));
+                    }
+                    clock.sleep_us(1000);
+                }
+                if apic.irr_has(OTHER_VECTOR) {
+                    return Err(reason!(
+                        "{}: vector {:#x} for APIC {} also reached APIC {}",
+                        bdf,
+                        OTHER_VECTOR,
+                        id,
+                        apic_id
+                    ));
+                }
+                Some(id)
+            }
+        };
+        Ok(Some(Masks { pba: pending, fmask_pba: fpending, other }))
     })();
 
     // Back to the polled default for later users of the device.
@@ -214,9 +350,29 @@ fn exercise(pci: &Pci, dev: &Dev, enable: bool, dma: &mut Dma, clock: &Clock) ->
     entry_regs.mask(true);
     cfg.write16(bdf, ctrl_off, control & !CONTROL_ENABLE);
     let reset = d.t.reset(clock);
-    let pba = result?;
+    let masks = result?;
     reset?;
-    Ok(Report { entry, apic_id, apic: apic.mode_name(), pba })
+    Ok(Report { entry, apic_id, apic: apic.mode_name(), masks })
+}
+
+/// An APIC id, or `none`.
+struct OptId(Option<u32>);
+
+impl core::fmt::Display for OptId {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self.0 {
+            Some(id) => write!(f, "{}", id),
+            None => f.write_str("none"),
+        }
+    }
+}
+
+fn set_or_clear(bit: bool) -> &'static str {
+    if bit {
+        "set"
+    } else {
+        "clear"
+    }
 }
 
 pub fn check(pci: Option<&Pci>, devs: &Devs, enable: bool, dma: &mut Dma, clock: &Clock) -> bool {
@@ -230,16 +386,20 @@ pub fn check(pci: Option<&Pci>, devs: &Devs, enable: bool, dma: &mut Dma, clock:
     };
     match exercise(pci, dev, enable, dma, clock) {
         Ok(r) => {
-            match r.pba {
-                Some(p) => emit!(
-                    "PROBE msix ok dev={} vector={:#x} entry={} apic={}:{} enable=1 masked_vector={:#x} pba={}",
+            match r.masks {
+                Some(m) => emit!(
+                    "PROBE msix ok dev={} vector={:#x} entry={} apic={}:{} enable=1 masked_vector={:#x} pba={} fmask_vector={:#x} fmask_pba={} other_vector={:#x} other_apic={}",
                     dev.id,
                     VECTOR,
                     r.entry,
                     r.apic,
                     r.apic_id,
                     MASKED_VECTOR,
-                    if p { "set" } else { "clear" }
+                    set_or_clear(m.pba),
+                    FMASK_VECTOR,
+                    set_or_clear(m.fmask_pba),
+                    OTHER_VECTOR,
+                    OptId(m.other)
                 ),
                 None => emit!(
                     "PROBE msix ok dev={} vector={:#x} entry={} apic={}:{} enable=0 irr=clear",
