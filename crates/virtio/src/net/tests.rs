@@ -1,4 +1,5 @@
-//! virtio-net tests on a real tap (they need CAP_NET_ADMIN and fail loudly without it).
+//! virtio-net tests on a real tap (they need CAP_NET_ADMIN and fail loudly without it; the
+//! transmit-retry tests also need `tc` and the bridge and tbf kernel modules).
 
 // Test sizes and indices are small.
 #![allow(clippy::cast_possible_truncation)]
@@ -14,6 +15,7 @@ use vm_memory::{Bytes, GuestAddress};
 
 use super::config::*;
 use super::tap::tests::{require_net_admin, test_tap_name};
+use super::tap::VNET_HDR_LEN;
 use super::*;
 use crate::testing::{guest_memory, TestDriver, TestInterrupt};
 
@@ -630,4 +632,267 @@ fn frames_the_tap_refuses_go_out_later_in_order() {
     assert_eq!(stats.tx_frames.load(Ordering::Relaxed), u64::from(n));
     assert!(irq.reset_reasons().is_empty(), "{:?}", irq.reset_reasons());
     let _ = w.stop("virtio-net");
+}
+
+fn tc(args: &[&str]) {
+    let out = Command::new("tc")
+        .args(args)
+        .output()
+        .expect("these tests need the `tc` tool (iproute2)");
+    assert!(
+        out.status.success(),
+        "tc {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Ethertype of the test frames (IEEE "local experimental").
+const HELD_ETHERTYPE: [u8; 2] = [0x88, 0xb5];
+/// Destination of the test frames: unknown to the bridge, so flooded to the peer.
+const HELD_DST: [u8; 6] = [0x02, 0, 0, 0, 0, 0x99];
+
+/// A frame from `src` carrying sequence number `seq`, padded so that a few dozen fill a
+/// small send buffer.
+fn held_frame(src: [u8; 6], seq: u32) -> Vec<u8> {
+    let mut f = HELD_DST.to_vec();
+    f.extend_from_slice(&src);
+    f.extend_from_slice(&HELD_ETHERTYPE);
+    f.extend_from_slice(&seq.to_be_bytes());
+    f.resize(540, 0x5a);
+    f
+}
+
+/// Sets the send buffer of every queue of the tap that `fd` belongs to.
+fn set_sndbuf(fd: std::os::fd::RawFd, bytes: libc::c_int) {
+    // SAFETY: TUNSETSNDBUF reads one int through the pointer, which lives across the call.
+    let rc = unsafe { libc::ioctl(fd, libc::TUNSETSNDBUF, &bytes) };
+    assert_eq!(rc, 0, "TUNSETSNDBUF: {}", std::io::Error::last_os_error());
+}
+
+/// A way out of a tap that holds frames: a bridge joins the tap to a peer tap whose egress
+/// qdisc (tbf at about 100 bit/s) lets a frame through every minute or so. A frame the tap
+/// takes stays charged to the tap's send buffer until it leaves the peer's qdisc (the bridge
+/// does not orphan it, the peer tap does), so with a small send buffer the tap soon answers
+/// EAGAIN, and keeps doing so until [`HeldPath::release`]. The host's own stack would free
+/// a frame at once, which is why a plain tap never says EAGAIN. The bridge goes when this
+/// is dropped; the peer tap with its queue.
+struct HeldPath {
+    bridge: String,
+    peer: Tap,
+}
+
+impl HeldPath {
+    fn new(tap: &str, tag: &str) -> HeldPath {
+        require_net_admin();
+        let bridge = test_tap_name(&format!("b{tag}"));
+        let peer = Tap::open_queues(&test_tap_name(&format!("p{tag}")), 1)
+            .unwrap()
+            .pop()
+            .unwrap();
+        ip(&["link", "add", &bridge, "type", "bridge"]);
+        let path = HeldPath { bridge, peer };
+        for port in [tap, path.peer.name()] {
+            ip(&["link", "set", port, "master", &path.bridge]);
+        }
+        ip(&["link", "set", &path.bridge, "up"]);
+        tc(&[
+            "qdisc",
+            "add",
+            "dev",
+            path.peer.name(),
+            "root",
+            "tbf",
+            "rate",
+            "100bit",
+            "burst",
+            "1600",
+            "limit",
+            "10000000",
+        ]);
+        path
+    }
+
+    /// Lets the held frames (and every later one) through at once.
+    fn release(&self) {
+        tc(&[
+            "qdisc",
+            "change",
+            "dev",
+            self.peer.name(),
+            "root",
+            "tbf",
+            "rate",
+            "10gbit",
+            "burst",
+            "1000000",
+            "limit",
+            "10000000",
+        ]);
+    }
+
+    /// The sequence numbers of test frames that reached the peer, in arrival order, once
+    /// `n` have arrived (or after 5 s).
+    fn received(&self, n: usize) -> Vec<u32> {
+        let mut buf = vec![0u8; 2048];
+        let iov = [libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        }];
+        let mut got = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while got.len() < n && Instant::now() < deadline {
+            match self.peer.read_frame(&iov).unwrap() {
+                // The peer's frames start with a virtio-net header.
+                Some(len) if len >= VNET_HDR_LEN + 18 => {
+                    let f = &buf[VNET_HDR_LEN..len];
+                    if f[..6] == HELD_DST && f[12..14] == HELD_ETHERTYPE {
+                        got.push(u32::from_be_bytes([f[14], f[15], f[16], f[17]]));
+                    }
+                }
+                Some(_) => {}
+                None => std::thread::sleep(Duration::from_millis(1)),
+            }
+        }
+        got
+    }
+}
+
+impl Drop for HeldPath {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.bridge])
+            .output();
+    }
+}
+
+#[test]
+fn tap_ring_reports_again_for_frames_a_full_tap_refuses() {
+    require_net_admin();
+    let tap = Tap::open_queues(&test_tap_name("r10"), 1)
+        .unwrap()
+        .pop()
+        .unwrap();
+    let path = HeldPath::new(tap.name(), "10");
+    set_sndbuf(tap.fd(), 16 << 10);
+    let n = 64;
+    let frames: Vec<Vec<u8>> = (0..n)
+        .map(|seq| {
+            let mut b = vec![0u8; VNET_HDR_LEN];
+            b.extend_from_slice(&held_frame(MAC, seq));
+            b
+        })
+        .collect();
+    let mut ring = batch::TapRing::new(n as usize).expect("io_uring");
+    for (i, f) in frames.iter().enumerate() {
+        ring.frame(i).push(libc::iovec {
+            iov_base: f.as_ptr().cast_mut().cast(),
+            iov_len: f.len(),
+        });
+    }
+    // SAFETY: the iovecs point into `frames`, which lives until the end of the test.
+    unsafe { ring.run_batch(tap.fd(), n as usize, false) }.unwrap();
+    let results: Vec<_> = (0..n as usize).map(|i| ring.result(i).unwrap()).collect();
+    let done = results
+        .iter()
+        .take_while(|r| matches!(r, batch::Sent::Done(_)))
+        .count();
+    assert!(done > 0, "{results:?}");
+    assert!(
+        results[done..].iter().all(|r| *r == batch::Sent::Again),
+        "the tap takes frames until its send buffer is full, then answers EAGAIN: {results:?}"
+    );
+    path.release();
+    let got = path.received(done);
+    assert_eq!(got, (0..done as u32).collect::<Vec<_>>());
+}
+
+#[test]
+fn frames_the_tap_refuses_with_eagain_are_sent_later_in_order_and_none_is_lost() {
+    let mut r = rig(9, u64::MAX);
+    let path = HeldPath::new(r.dev.tap_name(), "9");
+    // Room for a few dozen frames in flight: the held qdisc soon fills it.
+    set_sndbuf(r.dev.taps[0].fd(), 16 << 10);
+    let post = |tx: &mut TestDriver, seq: u32| {
+        let mut chain = vec![0u8; VNET_HDR_LEN];
+        chain.extend_from_slice(&held_frame(MAC, seq));
+        let b = tx.buffer(&chain);
+        tx.add_chain(&[(b, chain.len() as u32, false)])
+    };
+    // Several transmit batches' worth, one descriptor each, all posted before one kick.
+    let n = 200u32;
+    let mut heads: Vec<u32> = (0..n).map(|seq| u32::from(post(&mut r.tx, seq))).collect();
+    r.tx.kick();
+
+    // The tap takes what fits and refuses the rest with EAGAIN: those chains wait, unused,
+    // and stay waiting while the path is held.
+    let mut used = Vec::new();
+    let collect = |tx: &mut TestDriver, used: &mut Vec<u32>, quiet: Duration| {
+        let mut last = Instant::now();
+        while last.elapsed() < quiet {
+            match tx.next_used() {
+                Some((id, len)) => {
+                    assert_eq!(len, 0);
+                    used.push(id);
+                    last = Instant::now();
+                }
+                None => std::thread::sleep(Duration::from_millis(1)),
+            }
+        }
+    };
+    collect(&mut r.tx, &mut used, Duration::from_millis(500));
+    let held = used.len();
+    assert!(
+        held > 0 && held < n as usize / 2,
+        "{held} of {n} chains were used while the tap was full"
+    );
+    collect(&mut r.tx, &mut used, Duration::from_millis(300));
+    assert_eq!(used.len(), held, "no chain is used while the tap refuses");
+    assert_eq!(
+        used,
+        heads[..held],
+        "the chains the tap took are used in order"
+    );
+
+    // Once the tap drains, the refused frames go first, then the rest of the queue.
+    path.release();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while used.len() < n as usize {
+        assert!(
+            Instant::now() < deadline,
+            "the queue stalled: {} of {n} chains used",
+            used.len()
+        );
+        collect(&mut r.tx, &mut used, Duration::from_millis(20));
+    }
+    let got = path.received(n as usize);
+    assert_eq!(
+        got,
+        (0..n).collect::<Vec<_>>(),
+        "every frame reaches the wire once, in order"
+    );
+    let mut sorted = used.clone();
+    sorted.sort_unstable();
+    sorted.dedup();
+    assert_eq!(sorted.len(), used.len(), "a chain was used twice: {used:?}");
+    heads.sort_unstable();
+    assert_eq!(sorted, heads, "every chain is used exactly once");
+
+    // The queue goes on: a frame sent now goes straight through.
+    let last = post(&mut r.tx, n);
+    r.tx.kick();
+    assert_eq!(r.tx.wait_used(), (u32::from(last), 0));
+    assert_eq!(path.received(1), vec![n]);
+    collect(&mut r.tx, &mut used, Duration::from_millis(100));
+    assert_eq!(used.len(), n as usize, "nothing is used twice afterwards");
+    let stats = r.dev.stats();
+    assert_eq!(
+        stats.tx_frames.load(std::sync::atomic::Ordering::Relaxed),
+        u64::from(n) + 1
+    );
+    assert_eq!(stats.dropped.load(std::sync::atomic::Ordering::Relaxed), 0);
+    assert!(
+        r.irq.reset_reasons().is_empty(),
+        "{:?}",
+        r.irq.reset_reasons()
+    );
 }
