@@ -229,8 +229,17 @@ impl FromStr for ConsoleConfig {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, String> {
-        // Options follow the first comma, as in --disk (paths may not contain commas).
-        let (target, options) = s.split_once(',').unwrap_or((s, ""));
+        // Options are the trailing `,key=value` parts; a comma in a path stays in the path
+        // (`file:/a,b`) unless what follows it looks like an option.
+        let mut target = s;
+        let mut options = Vec::new();
+        while let Some((head, tail)) = target.rsplit_once(',') {
+            if !tail.contains('=') {
+                break;
+            }
+            options.push(tail);
+            target = head;
+        }
         let path = |p: &str, kind: &str| {
             if p.is_empty() {
                 Err(format!("{kind}: needs a path, as in {kind}:/tmp/console"))
@@ -255,10 +264,12 @@ impl FromStr for ConsoleConfig {
             target,
             transport: Transport::Pci,
         };
-        for (k, v) in pairs(options)? {
-            match k {
-                "transport" => c.transport = transport(v)?,
-                _ => return Err(format!("unknown option {k:?} (options: transport)")),
+        for o in options.iter().rev() {
+            for (k, v) in pairs(o)? {
+                match k {
+                    "transport" => c.transport = transport(v)?,
+                    _ => return Err(format!("unknown option {k:?} (options: transport)")),
+                }
             }
         }
         Ok(c)
@@ -511,6 +522,11 @@ mod tests {
             (ConsoleTarget::File("/tmp/log".into()), Transport::Mmio)
         );
         assert_eq!(String::from(mmio), "file:/tmp/log,transport=mmio");
+        // A comma in a path stays in the path.
+        assert_eq!(
+            "socket:/run/a,b".parse::<ConsoleConfig>().map(|c| c.target),
+            Ok(ConsoleTarget::Socket("/run/a,b".into()))
+        );
         assert_eq!(
             "stdio,transport=pci"
                 .parse::<ConsoleConfig>()
@@ -525,7 +541,7 @@ mod tests {
                 "stdio,speed=9600",
                 "unknown option \"speed\" (options: transport)",
             ),
-            ("stdio,mmio", "\"mmio\" is not key=value"),
+            ("stdio,mmio", "expected stdio, file:PATH or socket:PATH"),
         ] {
             let e = spec.parse::<ConsoleConfig>().unwrap_err();
             assert!(e.contains(want), "{spec}: {e}");
