@@ -12,7 +12,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::proc::{median, qemu_microvm};
+use crate::proc::{median, qemu_microvm, result_line};
 
 /// Command-line options.
 pub struct Options {
@@ -122,17 +122,8 @@ fn probe_cmdline(m: Mode, secs: u64) -> String {
 fn run_guest(mut cmd: Command, m: Mode, who: &str) -> Result<f64, String> {
     cmd.stdin(std::process::Stdio::null());
     let out = cmd.output().map_err(|e| format!("{who}: {e}"))?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    let line = text
-        .lines()
-        .find(|l| l.starts_with("PROBE blk_bench ok "))
-        .ok_or_else(|| {
-            format!(
-                "{who}: no blk_bench result:\n{text}\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            )
-        })?;
-    metric(line, if m.iops { "iops" } else { "mbps" })
+    let line = result_line(&out, "blk_bench", who)?;
+    metric(&line, if m.iops { "iops" } else { "mbps" })
         .ok_or_else(|| format!("{who}: unreadable {line}"))
 }
 

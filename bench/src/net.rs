@@ -16,7 +16,7 @@ use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use crate::proc::{median, qemu_microvm};
+use crate::proc::{median, qemu_microvm, result_line};
 
 const HOST_IP: [u8; 4] = [10, 214, 0, 1];
 const GUEST_IP: [u8; 4] = [10, 214, 0, 2];
@@ -333,17 +333,8 @@ fn run_vm(mut cmd: Command, row: Row, tap: &Tap, who: &str) -> Result<Rate, Stri
     }
     let dropped = tap.stat("tx_dropped").saturating_sub(dropped0);
     let out = out.map_err(|e| format!("{who}: {e}"))?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    let line = text
-        .lines()
-        .find(|l| l.starts_with("PROBE net_bench ok "))
-        .ok_or_else(|| {
-            format!(
-                "{who}: no net_bench result:\n{text}\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            )
-        })?;
-    let mut r = rate(line).ok_or_else(|| format!("{who}: unreadable {line}"))?;
+    let line = result_line(&out, "net_bench", who)?;
+    let mut r = rate(&line).ok_or_else(|| format!("{who}: unreadable {line}"))?;
     if offered > 0 {
         // Counters, far below 2^52: exact as f64.
         #[allow(clippy::cast_precision_loss)]

@@ -149,3 +149,19 @@ pub fn qemu_microvm(
     .arg(probe);
     c
 }
+
+/// The guest's `PROBE <check> ok ...` line in a finished run's standard output, or an error
+/// that names `who` and shows everything the run printed.
+pub fn result_line(out: &std::process::Output, check: &str, who: &str) -> Result<String, String> {
+    let text = String::from_utf8_lossy(&out.stdout);
+    let prefix = format!("PROBE {check} ok ");
+    text.lines()
+        .find(|l| l.starts_with(&prefix))
+        .map(str::to_owned)
+        .ok_or_else(|| {
+            format!(
+                "{who}: no {check} result:\n{text}\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })
+}
