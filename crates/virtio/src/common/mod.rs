@@ -33,6 +33,18 @@ pub(crate) fn push_iovecs(
     len: usize,
     out: &mut Vec<libc::iovec>,
 ) -> Result<(), BadGuestRange> {
+    if len == 0 {
+        return Ok(());
+    }
+    // Nearly every buffer lies in one region: one lookup instead of the general iterator
+    // (which showed up in the receive thread's profile).
+    if let Ok(slice) = GuestMemoryBackend::get_slice(mem, addr, len) {
+        out.push(libc::iovec {
+            iov_base: slice.ptr_guard_mut().as_ptr().cast(),
+            iov_len: slice.len(),
+        });
+        return Ok(());
+    }
     let bad = BadGuestRange { addr: addr.0, len };
     let start = out.len();
     for slice in GuestMemoryBackend::get_slices(mem, addr, len) {
@@ -141,5 +153,46 @@ pub(crate) fn state_error(device: &'static str, reason: impl Into<String>) -> Vi
     VirtioError::State {
         device,
         reason: reason.into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guest_ranges_become_one_iovec_per_region_and_ranges_outside_ram_none() {
+        // Two adjacent regions, then a hole.
+        let mem =
+            GuestMemory::from_ranges(&[(GuestAddress(0), 0x1000), (GuestAddress(0x1000), 0x1000)])
+                .unwrap();
+        let base = |a: u64| mem.get_host_address(GuestAddress(a)).unwrap();
+        let mut out = Vec::new();
+        push_iovecs(&mem, GuestAddress(0x100), 0x200, &mut out).unwrap();
+        assert_eq!(out.len(), 1);
+        assert_eq!(
+            (out[0].iov_base.cast::<u8>(), out[0].iov_len),
+            (base(0x100), 0x200)
+        );
+        out.clear();
+        push_iovecs(&mem, GuestAddress(0xf00), 0x200, &mut out).unwrap();
+        let got: Vec<_> = out
+            .iter()
+            .map(|v| (v.iov_base.cast::<u8>(), v.iov_len))
+            .collect();
+        assert_eq!(got, [(base(0xf00), 0x100), (base(0x1000), 0x100)]);
+        // Past the end of RAM: nothing appended, what was there stays.
+        let e = push_iovecs(&mem, GuestAddress(0x1f00), 0x200, &mut out).unwrap_err();
+        assert_eq!(
+            e,
+            BadGuestRange {
+                addr: 0x1f00,
+                len: 0x200
+            }
+        );
+        assert_eq!(out.len(), 2);
+        assert!(push_iovecs(&mem, GuestAddress(0x9000), 1, &mut out).is_err());
+        push_iovecs(&mem, GuestAddress(0x9000), 0, &mut out).unwrap();
+        assert_eq!(out.len(), 2);
     }
 }

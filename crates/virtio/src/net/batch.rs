@@ -23,12 +23,36 @@ pub(crate) enum Sent {
     Refused(i32),
 }
 
+/// Bytes of one receive slot: a vnet header and an Ethernet frame of up to 2035 bytes (a
+/// read that fills the slot may have been cut short), room for a 1500-byte payload with a
+/// VLAN tag and then some. Only guests without big-frame offloads receive through slots; a
+/// longer frame (a host tap MTU above that) is dropped, as such a guest's own buffers could
+/// not be counted on to hold it either.
+pub(crate) const RX_SLOT: usize = 2048;
+/// [`RX_SLOT`] as a read length.
+const RX_SLOT_U32: u32 = 2048;
+const _: () = assert!(RX_SLOT_U32 as usize == RX_SLOT);
+
+/// One receive slot, cache-line aligned.
+#[repr(C, align(64))]
+struct Slot([u8; RX_SLOT]);
+
 /// An io_uring for one direction of one queue pair.
 pub(crate) struct TapRing {
     ring: IoUring,
     /// Per frame of the batch: the iovecs of its chain (empty: not sent).
     iovecs: Vec<Vec<libc::iovec>>,
     results: Vec<Option<i32>>,
+    /// Receive slots, one per frame of a batch (empty for a transmit ring): frames are read
+    /// here and then copied to the guest's chains. The slots stay in cache, and the tap's
+    /// copy into them plus ours into the guest cost less than the tap's copy straight into
+    /// guest buffers: on this project's 2-core test machine that copy took a third of the
+    /// receive thread's time (1514-byte frames); with the slots the thread's CPU time per
+    /// frame fell by 11 to 21 % and host → guest frames/s rose by 6 to 21 % in three paired
+    /// runs (`kiln-bench net --only 'host->guest 1514'`).
+    slots: Vec<Slot>,
+    /// The slots are registered with the ring (IORING_OP_READ_FIXED); otherwise plain reads.
+    fixed: bool,
 }
 
 // SAFETY: the iovecs hold raw pointers into guest memory that are used only during
@@ -47,7 +71,24 @@ impl TapRing {
             ring,
             iovecs: (0..batch).map(|_| Vec::new()).collect(),
             results: vec![None; batch],
+            slots: Vec::new(),
+            fixed: false,
         })
+    }
+
+    /// A ring that receives batches of up to `batch` frames of up to [`RX_SLOT`] bytes into
+    /// its own slots (see [`TapRing::read_slots`]); `None` where io_uring cannot be set up.
+    pub(crate) fn for_reception(batch: usize) -> Option<TapRing> {
+        let mut r = TapRing::new(batch)?;
+        r.slots = (0..batch).map(|_| Slot([0; RX_SLOT])).collect();
+        let area = libc::iovec {
+            iov_base: r.slots.as_mut_ptr().cast(),
+            iov_len: batch * RX_SLOT,
+        };
+        // SAFETY: the area is `slots`, which is never resized and lives as long as the ring
+        // (dropped after it: fields drop in declaration order, `ring` first).
+        r.fixed = unsafe { r.ring.submitter().register_buffers(&[area]) }.is_ok();
+        Some(r)
     }
 
     /// Frame `i`'s iovecs, emptied, for the caller to fill (or leave empty to skip it).
@@ -143,6 +184,11 @@ impl TapRing {
             }
             queued += 1;
         }
+        self.complete(queued)
+    }
+
+    /// Submits the queued requests and collects `queued` completions into `results`.
+    fn complete(&mut self, queued: usize) -> io::Result<()> {
         let mut done = 0usize;
         while done < queued {
             match self.ring.submit_and_wait(queued - done) {
@@ -167,6 +213,68 @@ impl TapRing {
             }
         }
         Ok(())
+    }
+
+    /// Reads up to `n` frames from `fd` into slots `0..n`, in one system call and in order;
+    /// [`TapRing::result`] then tells what became of each and [`TapRing::slot`] holds its
+    /// bytes. An error means the ring itself failed (the caller drops it); frames it read
+    /// are lost.
+    pub(crate) fn read_slots(&mut self, fd: RawFd, n: usize) -> io::Result<()> {
+        let n = n.min(self.slots.len());
+        self.results.fill(None);
+        for i in 0..n {
+            let buf = self.slots[i].0.as_mut_ptr();
+            let len = RX_SLOT_U32;
+            // Offset -1: a stream; RWF_NOWAIT: never parked (see the module comment).
+            let entry = if self.fixed {
+                opcode::ReadFixed::new(types::Fd(fd), buf, len, 0)
+                    .offset(u64::MAX)
+                    .rw_flags(libc::RWF_NOWAIT)
+                    .build()
+            } else {
+                opcode::Read::new(types::Fd(fd), buf, len)
+                    .offset(u64::MAX)
+                    .rw_flags(libc::RWF_NOWAIT)
+                    .build()
+            }
+            .user_data(i as u64);
+            // SAFETY: the entry points into slot i, owned by self and untouched until every
+            // request completed (below).
+            if unsafe { self.ring.submission().push(&entry) }.is_err() {
+                // Cannot happen: the ring has an entry per frame and is empty between calls.
+                return Err(io::Error::other("tap ring full"));
+            }
+        }
+        self.complete(n)
+    }
+
+    /// Whether the ring has receive slots ([`TapRing::for_reception`]).
+    pub(crate) fn has_slots(&self) -> bool {
+        !self.slots.is_empty()
+    }
+
+    /// Frame `i`'s bytes as the last [`TapRing::read_slots`] left them (up to `len`).
+    pub(crate) fn slot(&mut self, i: usize, len: usize) -> &mut [u8] {
+        &mut self.slots[i].0[..len.min(RX_SLOT)]
+    }
+
+    /// Copies the first `len` bytes of slot `from` into frame `to`'s iovecs, which the
+    /// caller checked can hold them.
+    pub(crate) fn deliver(&self, from: usize, to: usize, len: usize) {
+        let src = &self.slots[from].0[..len.min(RX_SLOT)];
+        let mut done = 0usize;
+        for v in &self.iovecs[to] {
+            let n = v.iov_len.min(src.len() - done);
+            // SAFETY: the iovec describes writable guest memory that the caller keeps mapped
+            // (it holds the guest memory) and n <= iov_len; the source is our own slot.
+            unsafe {
+                std::ptr::copy_nonoverlapping(src.as_ptr().add(done), v.iov_base.cast::<u8>(), n)
+            };
+            done += n;
+            if done == src.len() {
+                break;
+            }
+        }
     }
 
     /// What became of frame `i` of the last batch (`None`: it was skipped).

@@ -20,7 +20,7 @@ use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::batch::{Sent, TapRing};
+use super::batch::{Sent, TapRing, RX_SLOT};
 use super::tap::{Tap, VNET_HDR_LEN};
 use crate::common::chain::{self, read_stream, Desc, Taken};
 use crate::common::worker::{Poller, StopSignal};
@@ -137,7 +137,7 @@ pub(crate) fn run(p: NetPair, shared: Arc<Shared>, stop: &StopSignal) -> NetPair
         taken: Vec::with_capacity(TX_BATCH),
         // Made here, on the thread that uses it.
         txring: TapRing::new(TX_BATCH),
-        rxring: TapRing::new(RX_BATCH),
+        rxring: TapRing::for_reception(RX_BATCH),
         rx_batch: RX_BATCH_MIN,
         rx_taken: Vec::with_capacity(RX_BATCH),
         rx_descs: Vec::with_capacity(RX_BATCH),
@@ -382,15 +382,15 @@ impl PairWorker {
             };
             // Every chain must hold a whole frame on its own, inside guest RAM.
             let mut fits = true;
+            let mut capacity = [0usize; RX_BATCH];
             for (i, t) in self.rx_taken[..n].iter().enumerate() {
                 let v = ring.frame(i);
-                let mut capacity = 0usize;
                 for d in &self.rx_descs[t.descs.clone()] {
                     let len = usize::try_from(d.len).unwrap_or(usize::MAX);
                     fits &= push_iovecs(&mem, d.addr, len, v).is_ok();
-                    capacity = capacity.saturating_add(len);
+                    capacity[i] = capacity[i].saturating_add(len);
                 }
-                fits &= capacity >= need && v.len() <= MAX_IOVECS;
+                fits &= capacity[i] >= need && v.len() <= MAX_IOVECS;
                 if !fits {
                     break;
                 }
@@ -399,8 +399,16 @@ impl PairWorker {
                 back(rxq, n);
                 return (delivered, false);
             }
-            // SAFETY: the iovecs point into guest memory, mapped while `mem` lives.
-            if let Err(e) = unsafe { ring.run_batch(self.tap.fd(), n, true) } {
+            // Frames that fit the ring's slots land there first (see `TapRing::read_slots`);
+            // larger ones (negotiated offloads) go straight into the chains.
+            let slots = ring.has_slots() && need <= RX_SLOT;
+            let read = if slots {
+                ring.read_slots(self.tap.fd(), n)
+            } else {
+                // SAFETY: the iovecs point into guest memory, mapped while `mem` lives.
+                unsafe { ring.run_batch(self.tap.fd(), n, true) }
+            };
+            if let Err(e) = read {
                 warn_ratelimited!(
                     "virtio-net: tap {}: batched reception failed ({e}); reading frames one \
                      at a time from now on",
@@ -417,15 +425,32 @@ impl PairWorker {
             // Chains 0..used get the frames in order; a frame read after an empty read (one
             // that arrived meanwhile) moves down, so the unused chains are the batch's tail.
             let mut used = 0usize;
+            let mut bytes = 0u64;
             let (mut dry, mut give_up) = (false, false);
             for (j, r) in results[..n].iter().enumerate() {
                 match *r {
-                    Some(Sent::Done(len)) if len >= VNET_HDR_LEN && (j == used || len <= need) => {
-                        if j != used {
-                            ring.move_frame(j, used, len, &mut self.scratch);
-                        }
+                    // The tap cuts a frame that does not fit to the buffer's size: a read that
+                    // fills a whole slot may be such a frame, and is dropped.
+                    Some(Sent::Done(len))
+                        if len >= VNET_HDR_LEN
+                            && len <= capacity[used]
+                            && if slots {
+                                len < RX_SLOT
+                            } else {
+                                len <= capacity[j]
+                            } =>
+                    {
                         // num_buffers, bytes 10..12 of the header.
-                        write_iovecs(ring.iovecs(used), 10, &1u16.to_le_bytes());
+                        let count = 1u16.to_le_bytes();
+                        if slots {
+                            ring.slot(j, len)[10..12].copy_from_slice(&count);
+                            ring.deliver(j, used, len);
+                        } else {
+                            if j != used {
+                                ring.move_frame(j, used, len, &mut self.scratch);
+                            }
+                            write_iovecs(ring.iovecs(used), 10, &count);
+                        }
                         let head = self.rx_taken[used].head;
                         if let Err(e) =
                             rxq.queue
@@ -434,11 +459,7 @@ impl PairWorker {
                             self.fail(&format!("virtio-net rx: used ring: {e}"));
                             return (delivered, true);
                         }
-                        self.shared.stats.rx_frames.fetch_add(1, Ordering::Relaxed);
-                        self.shared
-                            .stats
-                            .rx_bytes
-                            .fetch_add(len as u64, Ordering::Relaxed);
+                        bytes += len as u64;
                         used += 1;
                         delivered = true;
                     }
@@ -451,6 +472,15 @@ impl PairWorker {
                     None => {}
                 }
             }
+            // Counted once per batch: these counters are shared with the VMM thread.
+            self.shared
+                .stats
+                .rx_frames
+                .fetch_add(used as u64, Ordering::Relaxed);
+            self.shared
+                .stats
+                .rx_bytes
+                .fetch_add(bytes, Ordering::Relaxed);
             back(rxq, n - used);
             // A read past the last frame still costs a trip through the tap: size the next
             // batch by what this one found.
