@@ -19,6 +19,7 @@ fn usage() -> ExitCode {
         "usage: kiln-bench boot [--runs N] [--kiln PATH] [--qemu PATH] [--probe PATH]\n\
          \x20      kiln-bench blk [--runs N] [--secs N] [--size-mib N] [--dir DIR] [--only ROW] [--kiln P] [--qemu P] [--probe P]\n\
          \x20      kiln-bench net [--runs N] [--secs N] [--only ROW] [--kiln P] [--qemu P] [--probe P]\n\
+         \x20      kiln-bench net-floor [--secs N]\n\
          \x20      kiln-bench cpuloop ITERS\n\n\
          Runs kiln and qemu-system-x86_64 -M microvm alternately on the probe guest and\n\
          prints medians: time to the first guest line, VMM RSS without guest RAM, and the\n\
@@ -28,6 +29,8 @@ fn usage() -> ExitCode {
          net (as root: it creates a tap) runs the probe's virtio-net benchmark, guest to host\n\
          and host to guest, under kiln and QEMU microvm (vhost=off).\n\
          --only ROW runs only the rows whose name contains ROW (e.g. --only 'host->guest').\n\
+         net-floor (as root) measures a thread that only reads frames from a tap: the\n\
+         cost per frame that any userspace network backend starts from.\n\
          cpuloop runs the probe's CPU loop natively and prints TSC ticks per iteration."
     );
     ExitCode::from(2)
@@ -57,6 +60,7 @@ fn main() -> ExitCode {
         Some("boot") => bench(boot::Options::parse(&args[1..]), |o| boot::run(&o)),
         Some("blk") => bench(blk::Options::parse(&args[1..]), |o| blk::run(&o)),
         Some("net") => bench(net::Options::parse(&args[1..]), |o| net::run(&o)),
+        Some("net-floor") => bench(net::floor_secs(&args[1..]), net::floor),
         Some("cpuloop") => match args.get(1).and_then(|n| n.parse::<u64>().ok()) {
             Some(iters) if iters > 0 => {
                 println!("{:.3}", boot::native_tsc_per_iter(iters));

@@ -11,6 +11,7 @@
 //! what reaches it. Runs are interleaved and the median of each cell is printed.
 
 use std::ffi::CString;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -455,4 +456,143 @@ pub fn run(o: &Options) -> Result<bool, String> {
     println!("target: kiln >= 1.2 x QEMU (vhost=off) on every row");
     println!("all targets met: {}", if ok { "yes" } else { "NO" });
     Ok(ok)
+}
+
+/// `kiln-bench net-floor`: what reading frames from a tap costs by itself. The same sender
+/// as the host → guest rows blasts frames into a tap, and a thread here does nothing but
+/// read them (plain read(2) into one buffer, as QEMU does, without anything after it).
+/// Frames/s and that thread's CPU time per frame bound what any userspace backend can do:
+/// a VMM's receive thread on a busy core cannot beat QEMU's by much when the read itself is
+/// most of both. The CPU time includes reads that found the tap empty and the polls after
+/// them: with no drops the reader kept up with the sender, and the figure is an upper bound.
+pub fn floor(secs: u64) -> Result<bool, String> {
+    let tap = Tap::create()?;
+    println!(
+        "tap read floor: a thread that only reads the tap, {secs} s per size, sender as in `net`"
+    );
+    println!(
+        "{:<10} {:>12} {:>10} {:>14} {:>8}",
+        "size", "frames/s", "cpu %", "µs/frame", "drops"
+    );
+    for size in [1514usize, 60] {
+        let fd = open_tap(&tap.name)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let sender = {
+            let (stop, index) = (stop.clone(), tap.index);
+            std::thread::spawn(move || blast(index, size, &stop))
+        };
+        let dropped0 = tap.stat("tx_dropped");
+        let reader = {
+            let stop = stop.clone();
+            let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
+            std::thread::spawn(move || read_all(raw, &stop))
+        };
+        std::thread::sleep(std::time::Duration::from_secs(secs));
+        stop.store(true, Ordering::Relaxed);
+        let (frames, cpu) = reader
+            .join()
+            .map_err(|_| "the reader panicked".to_string())?;
+        let offered = sender
+            .join()
+            .map_err(|_| "the frame sender panicked".to_string())??;
+        let dropped = tap.stat("tx_dropped").saturating_sub(dropped0);
+        // Counters and seconds, far below 2^52: exact enough as f64.
+        #[allow(clippy::cast_precision_loss)]
+        {
+            let fps = frames as f64 / secs as f64;
+            println!(
+                "{:<10} {fps:>12.0} {:>10.0} {:>14.3} {:>7.0}%",
+                format!("{size} B"),
+                100.0 * cpu / secs as f64,
+                1e6 * cpu / frames.max(1) as f64,
+                100.0 * dropped as f64 / offered.max(1) as f64
+            );
+        }
+    }
+    Ok(true)
+}
+
+/// Attaches to the tap `name` as a VMM would (vnet header, nonblocking).
+fn open_tap(name: &str) -> Result<std::os::fd::OwnedFd, String> {
+    const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+    const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
+    const IFF_VNET_HDR: libc::c_short = 0x4000;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open("/dev/net/tun")
+        .map_err(|e| format!("/dev/net/tun: {e}"))?;
+    // SAFETY: ifreq is plain data; all-zero is a valid value.
+    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (d, s) in ifr
+        .ifr_name
+        .iter_mut()
+        .zip(name.bytes().take(libc::IFNAMSIZ - 1))
+    {
+        *d = s as libc::c_char;
+    }
+    ifr.ifr_ifru.ifru_flags =
+        libc::c_short::try_from(libc::IFF_TAP | libc::IFF_NO_PI).unwrap_or(0) | IFF_VNET_HDR;
+    let raw = std::os::fd::AsRawFd::as_raw_fd(&f);
+    // SAFETY: TUNSETIFF reads an ifreq that outlives the call.
+    if unsafe { libc::ioctl(raw, TUNSETIFF, &mut ifr) } != 0 {
+        return Err(format!(
+            "TUNSETIFF {name}: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    let hdr: libc::c_int = 12;
+    // SAFETY: TUNSETVNETHDRSZ reads an int that outlives the call.
+    if unsafe { libc::ioctl(raw, TUNSETVNETHDRSZ, &hdr) } != 0 {
+        return Err(format!(
+            "TUNSETVNETHDRSZ: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(f.into())
+}
+
+/// Reads frames from `fd` until `stop`; returns (frames, this thread's CPU seconds).
+fn read_all(fd: std::os::fd::RawFd, stop: &AtomicBool) -> (u64, f64) {
+    let cpu = || {
+        // SAFETY: rusage is plain data; getrusage fills it.
+        let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+        // SAFETY: ru outlives the call.
+        unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut ru) };
+        let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+        secs(ru.ru_utime) + secs(ru.ru_stime)
+    };
+    let start = cpu();
+    let mut buf = [0u8; 2048];
+    let mut frames = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        // SAFETY: buf is writable for its length and outlives the call.
+        let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+        if n > 0 {
+            frames += 1;
+        } else {
+            let mut p = libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one pollfd that outlives the call.
+            unsafe { libc::poll(&mut p, 1, 100) };
+        }
+    }
+    (frames, cpu() - start)
+}
+
+/// Parses `net-floor`'s `--secs N` (default 3).
+pub fn floor_secs(args: &[String]) -> Result<u64, String> {
+    match args {
+        [] => Ok(3),
+        [k, v] if k == "--secs" => v
+            .parse::<u64>()
+            .ok()
+            .filter(|&s| s > 0)
+            .ok_or("--secs needs a number >= 1".into()),
+        _ => Err(format!("unknown options {}", args.join(" "))),
+    }
 }
