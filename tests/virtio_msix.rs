@@ -4,7 +4,8 @@
 //! request (KVM MSI route + irqfd), that a masked entry holds it back with its PBA bit set
 //! until it is unmasked, that the function mask does the same for an unmasked entry (a second
 //! message while masked is not lost), that a message for APIC 1 reaches CPU 1's IRR and not
-//! CPU 0's, and that nothing arrives while MSI-X is disabled.
+//! CPU 0's, that a queue the guest breaks makes the device signal NEEDS_RESET on the
+//! configuration vector, and that nothing arrives while MSI-X is disabled.
 
 mod common;
 
@@ -40,6 +41,9 @@ fn virtio_rng_msix_vector_reaches_the_local_apic() {
     );
     // One vCPU: no other APIC to aim at.
     assert_eq!(r.field("msix", "other_apic"), "none");
+    // Last, a head past the descriptor table: NEEDS_RESET, a new config_generation, and the
+    // configuration vector in the IRR.
+    assert_eq!(r.field("msix", "config_vector"), "0x45");
 }
 
 #[test]

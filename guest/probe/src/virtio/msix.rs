@@ -18,7 +18,11 @@
 //! keeps one pending bit per vector) and clear the PBA bit. When the `smp`
 //! check started an AP, the entry is last aimed at that AP's APIC with
 //! [`OTHER_VECTOR`]: a read must put it in the AP's IRR (read by the AP
-//! itself, see [`RemoteLapic`]) and not in this CPU's.
+//! itself, see [`RemoteLapic`]) and not in this CPU's. Last the configuration
+//! vector: queue 0 gives up its entry, the entry is aimed back at this CPU
+//! with [`CONFIG_VECTOR`] and assigned to configuration changes, and queue 0
+//! is handed a chain whose head is past the descriptor table: the device must
+//! set NEEDS_RESET, bump `config_generation`, and signal [`CONFIG_VECTOR`].
 //!
 //! With `probe.msix_enable=0` MSI-X stays disabled and the same unmasked
 //! entry and request must leave the IRR clear.
@@ -45,6 +49,8 @@ pub const MASKED_VECTOR: u8 = 0x42;
 pub const FMASK_VECTOR: u8 = 0x43;
 /// The vector the entry sends to another CPU.
 pub const OTHER_VECTOR: u8 = 0x44;
+/// The vector configuration changes send.
+pub const CONFIG_VECTOR: u8 = 0x45;
 /// How long a signalled vector may take to show in the IRR.
 const DELIVER_MS: u64 = 1000;
 /// How long a vector that must not arrive is watched for.
@@ -184,7 +190,7 @@ fn exercise(pci: &Pci, dev: &Dev, enable: bool, dma: &mut Dma, clock: &Clock) ->
     if apic.tpr() != TPR_BLOCK_ALL {
         return Err(reason!("{} TPR reads {:#x} after writing {:#x}", apic.mode_name(), apic.tpr(), TPR_BLOCK_ALL));
     }
-    for v in [VECTOR, MASKED_VECTOR, FMASK_VECTOR, OTHER_VECTOR] {
+    for v in [VECTOR, MASKED_VECTOR, FMASK_VECTOR, OTHER_VECTOR, CONFIG_VECTOR] {
         if apic.irr_has(v) {
             return Err(reason!("vector {:#x} already pending in the IRR before the device was set up", v));
         }
@@ -342,11 +348,45 @@ fn exercise(pci: &Pci, dev: &Dev, enable: bool, dma: &mut Dma, clock: &Clock) ->
                 Some(id)
             }
         };
+
+        // Configuration change: a broken queue makes the device ask for a reset.
+        d.t.set_queue_vector(0, NO_VECTOR)?;
+        entry_regs.program(address, CONFIG_VECTOR, false);
+        let got = d.t.set_config_vector(entry)?;
+        if got != entry {
+            return Err(reason!(
+                "{}: configuration changes refused MSI-X entry {} (reads back {:#x})",
+                bdf,
+                entry,
+                got
+            ));
+        }
+        let generation = d.t.config_generation()?;
+        let q = &mut d.queues[0];
+        q.raw_push(q.size + 3);
+        q.publish();
+        q.notify_now();
+        if !apic.wait_irr(CONFIG_VECTOR, DELIVER_MS, clock) {
+            return Err(reason!(
+                "{}: a head past the table on queue 0, but configuration vector {:#x} was not in the IRR within {} ms (status {:#x})",
+                bdf,
+                CONFIG_VECTOR,
+                DELIVER_MS,
+                d.t.status()
+            ));
+        }
+        if !d.t.needs_reset() {
+            return Err(reason!("{}: configuration vector {:#x} arrived without NEEDS_RESET", bdf, CONFIG_VECTOR));
+        }
+        if d.t.config_generation()? == generation {
+            return Err(reason!("{}: NEEDS_RESET was signalled but config_generation stayed {}", bdf, generation));
+        }
         Ok(Some(Masks { pba: pending, fmask_pba: fpending, other }))
     })();
 
     // Back to the polled default for later users of the device.
     let _ = d.t.set_queue_vector(0, NO_VECTOR);
+    let _ = d.t.set_config_vector(NO_VECTOR);
     entry_regs.mask(true);
     cfg.write16(bdf, ctrl_off, control & !CONTROL_ENABLE);
     let reset = d.t.reset(clock);
@@ -388,7 +428,7 @@ pub fn check(pci: Option<&Pci>, devs: &Devs, enable: bool, dma: &mut Dma, clock:
         Ok(r) => {
             match r.masks {
                 Some(m) => emit!(
-                    "PROBE msix ok dev={} vector={:#x} entry={} apic={}:{} enable=1 masked_vector={:#x} pba={} fmask_vector={:#x} fmask_pba={} other_vector={:#x} other_apic={}",
+                    "PROBE msix ok dev={} vector={:#x} entry={} apic={}:{} enable=1 masked_vector={:#x} pba={} fmask_vector={:#x} fmask_pba={} other_vector={:#x} other_apic={} config_vector={:#x}",
                     dev.id,
                     VECTOR,
                     r.entry,
@@ -399,7 +439,8 @@ pub fn check(pci: Option<&Pci>, devs: &Devs, enable: bool, dma: &mut Dma, clock:
                     FMASK_VECTOR,
                     set_or_clear(m.fmask_pba),
                     OTHER_VECTOR,
-                    OptId(m.other)
+                    OptId(m.other),
+                    CONFIG_VECTOR
                 ),
                 None => emit!(
                     "PROBE msix ok dev={} vector={:#x} entry={} apic={}:{} enable=0 irr=clear",

@@ -272,6 +272,25 @@ impl Transport {
         }
     }
 
+    /// Assigns MSI-X table entry `vector` (or NO_VECTOR) to configuration
+    /// changes; returns what the device reads back.
+    pub fn set_config_vector(&self, vector: u16) -> Result<u16, Reason> {
+        let Regs::Pci { common: c, .. } = self.regs else {
+            return Err(reason!("{}: virtio-mmio has no MSI-X vectors", self.id));
+        };
+        Self::common_write(c, common::MSIX_CONFIG, 2, u32::from(vector));
+        Ok(Self::common_read(c, common::MSIX_CONFIG, 2) as u16)
+    }
+
+    /// The PCI common configuration's `config_generation` (changes with every
+    /// configuration-change notification the device sends).
+    pub fn config_generation(&self) -> Result<u8, Reason> {
+        let Regs::Pci { common: c, .. } = self.regs else {
+            return Err(reason!("{}: not a virtio-pci function", self.id));
+        };
+        Ok(Self::common_read(c, common::CONFIG_GENERATION, 1) as u8)
+    }
+
     /// Assigns MSI-X table entry `vector` (or [`NO_VECTOR`]) to queue `index`
     /// and returns what the device reads back: `NO_VECTOR` if it refused.
     /// Only the `msix` check uses vectors; virtio-mmio has none.
