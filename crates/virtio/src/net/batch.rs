@@ -10,7 +10,7 @@
 use std::io;
 use std::os::fd::RawFd;
 
-use io_uring::{opcode, types, IoUring};
+use io_uring::{opcode, squeue, types, IoUring};
 
 /// The result of one frame of a batch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -21,6 +21,8 @@ pub(crate) enum Sent {
     Again,
     /// The tap refused it (a malformed frame, say).
     Refused(i32),
+    /// Not tried: an in-order batch stopped at an earlier frame the tap refused.
+    Cancelled,
 }
 
 /// Bytes of one receive slot: a vnet header and an Ethernet frame of up to 2035 bytes (a
@@ -149,13 +151,28 @@ impl TapRing {
     /// order the tap gave them. An error means the ring itself failed: the caller drops it,
     /// and the batch's frames may or may not have moved.
     ///
+    /// Writes are issued one after the other too, but a write the tap refuses for want of
+    /// room (EAGAIN) does not stop the next, which may find room freed meanwhile and
+    /// overtake it. With `in_order` each write waits for the one before it to succeed
+    /// (IOSQE_IO_LINK) and the rest of the batch is [`Sent::Cancelled`] after a refusal.
+    /// That costs throughput (the kernel runs each linked write after the previous one's
+    /// completion: about a quarter of guest → host frames/s on this project's test machine),
+    /// so callers ask for it only where a tap can refuse for want of room at all.
+    ///
     /// # Safety
     ///
     /// The iovecs the caller filled in must describe memory that stays readable (writable,
     /// with `read`) until this returns.
-    pub(crate) unsafe fn run_batch(&mut self, fd: RawFd, n: usize, read: bool) -> io::Result<()> {
+    pub(crate) unsafe fn run_batch(
+        &mut self,
+        fd: RawFd,
+        n: usize,
+        read: bool,
+        in_order: bool,
+    ) -> io::Result<()> {
         let n = n.min(self.iovecs.len());
         self.results.fill(None);
+        let last = self.iovecs[..n].iter().rposition(|v| !v.is_empty());
         let mut queued = 0usize;
         for (i, v) in self.iovecs[..n].iter().enumerate() {
             if v.is_empty() {
@@ -176,6 +193,11 @@ impl TapRing {
                     .build()
             }
             .user_data(i as u64);
+            let entry = if in_order && !read && Some(i) != last {
+                entry.flags(squeue::Flags::IO_LINK)
+            } else {
+                entry
+            };
             // SAFETY: the entry points at `v` (kept in self, untouched until this returns)
             // and at memory the caller keeps valid until then.
             if unsafe { self.ring.submission().push(&entry) }.is_err() {
@@ -282,6 +304,7 @@ impl TapRing {
         self.results.get(i).copied().flatten().map(|res| match res {
             r if r >= 0 => Sent::Done(usize::try_from(r).unwrap_or(0)),
             r if r == -libc::EAGAIN => Sent::Again,
+            r if r == -libc::ECANCELED => Sent::Cancelled,
             r => Sent::Refused(r.saturating_neg()),
         })
     }

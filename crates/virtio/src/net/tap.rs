@@ -180,6 +180,16 @@ impl Tap {
         }
     }
 
+    /// Whether writes to the tap can be refused for want of send-buffer room (EAGAIN): its
+    /// send buffer is limited (TUNSETSNDBUF; a tap starts unlimited), or this is not a tap
+    /// and nobody can say.
+    pub fn send_buffer_limited(&self) -> bool {
+        let mut bytes: libc::c_int = 0;
+        // SAFETY: TUNGETSNDBUF writes one int through the pointer, which lives across the call.
+        let rc = unsafe { libc::ioctl(self.fd(), libc::TUNGETSNDBUF, &mut bytes) };
+        rc != 0 || bytes < libc::c_int::MAX
+    }
+
     /// Tells the tap which offloads the guest accepts on receive (`TUN_F_*`).
     pub fn set_offload(&self, flags: u32) -> Result<(), TapError> {
         // SAFETY: TUNSETOFFLOAD takes its argument by value; the fd is valid.

@@ -561,15 +561,20 @@ fn full_size_frames_arrive_intact_through_the_receive_slots_and_an_oversized_one
     );
 }
 
-/// The transmit path when the tap refuses frames for a while (EAGAIN): the worker serves a
-/// unix datagram socket with a small send buffer instead of a tap, because a tap's host side
-/// frees frames at once and never fills up on demand. Frames the socket refuses wait and go
-/// out in order once the reader makes room; none is lost or sent twice, and every chain is
-/// used exactly once.
-#[test]
-fn frames_the_tap_refuses_go_out_later_in_order() {
+/// A transmit queue served by the net worker, whose "tap" is a unix datagram socket with a
+/// 4 KiB send buffer (a tap's host side frees frames at once and never fills up on demand);
+/// `host_end` reads what the worker sends.
+struct SocketRig {
+    tx: TestDriver,
+    host_end: std::os::unix::net::UnixDatagram,
+    stats: Arc<worker::NetStats>,
+    irq: Arc<TestInterrupt>,
+    _w: crate::common::worker::Worker<worker::NetPair>,
+}
+
+fn socket_rig(name: &str) -> SocketRig {
     use std::os::fd::FromRawFd;
-    use std::sync::atomic::{AtomicU16, Ordering};
+    use std::sync::atomic::AtomicU16;
 
     use crate::common::worker::{StopSignal, Worker};
 
@@ -630,22 +635,118 @@ fn frames_the_tap_refuses_go_out_later_in_order() {
         ctrl: None,
         broken: false,
     };
-    let w = Worker::spawn(
-        "virtio-net",
-        "net-eagain".into(),
-        move |stop: &StopSignal| worker::run(pair, shared, stop),
-    )
+    let w = Worker::spawn("virtio-net", name.into(), move |stop: &StopSignal| {
+        worker::run(pair, shared, stop)
+    })
     .unwrap();
 
+    SocketRig {
+        tx,
+        host_end,
+        stats,
+        irq,
+        _w: w,
+    }
+}
+
+/// Sends chain `i` carrying a 60-byte broadcast frame numbered `i` (bytes 14..16).
+fn post_numbered(tx: &mut TestDriver, i: u16) {
+    let mut frame = vec![0u8; 60];
+    frame[..6].copy_from_slice(&[0xff; 6]);
+    frame[14..16].copy_from_slice(&i.to_be_bytes());
+    let h = tx.buffer(&[0; 12]);
+    let b = tx.buffer(&frame);
+    tx.add_chain(&[(h, 12, false), (b, 60, false)]);
+}
+
+/// A reader that keeps draining the socket while batches go out: the socket refuses a frame
+/// in the middle of a batch and has room again a moment later, before the batch's next
+/// frame. That next frame must not overtake the refused one: what arrives is every frame
+/// once, in order.
+#[test]
+fn frames_stay_in_order_when_the_tap_makes_room_during_a_batch() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    let SocketRig {
+        mut tx,
+        host_end,
+        stats,
+        irq,
+        _w: w,
+    } = socket_rig("net-midbatch");
+    let n = 3000u16;
+    let done = Arc::new(AtomicBool::new(false));
+    let reader = {
+        let done = done.clone();
+        std::thread::spawn(move || {
+            let mut got = Vec::with_capacity(usize::from(n));
+            let mut buf = [0u8; 128];
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while got.len() < usize::from(n) && Instant::now() < deadline {
+                match host_end.recv(&mut buf) {
+                    Ok(_) => got.push(u16::from_be_bytes([buf[12 + 14], buf[12 + 15]])),
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        if done.load(Ordering::Relaxed) {
+                            break;
+                        }
+                        std::thread::yield_now();
+                    }
+                    Err(e) => panic!("{e}"),
+                }
+            }
+            got
+        })
+    };
+    // At most 64 chains (128 descriptors) in flight, so the driver's descriptors never wrap
+    // onto a chain the device still holds.
+    let (mut posted, mut used) = (0u16, 0u16);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while used < n {
+        while posted < n && posted - used < 64 {
+            post_numbered(&mut tx, posted);
+            posted += 1;
+        }
+        tx.kick();
+        while tx.next_used().is_some() {
+            used += 1;
+        }
+        assert!(Instant::now() < deadline, "{used} of {n} chains used");
+        std::thread::yield_now();
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    done.store(true, Ordering::Relaxed);
+    let got = reader.join().unwrap();
+    let first_out_of_order = got.iter().enumerate().find(|&(k, &v)| usize::from(v) != k);
+    assert_eq!(
+        first_out_of_order,
+        None,
+        "{} frames arrived; every frame once and in order",
+        got.len()
+    );
+    assert_eq!(got.len(), usize::from(n));
+    assert_eq!(stats.dropped.load(Ordering::Relaxed), 0);
+    assert!(irq.reset_reasons().is_empty(), "{:?}", irq.reset_reasons());
+    let _ = w.stop("virtio-net");
+}
+
+/// The transmit path when the tap refuses frames for a while (EAGAIN), on a [`socket_rig`].
+/// Frames the socket refuses wait and go out in order once the reader makes room; none is
+/// lost or sent twice, and every chain is used exactly once.
+#[test]
+fn frames_the_tap_refuses_go_out_later_in_order() {
+    use std::sync::atomic::Ordering;
+
+    let SocketRig {
+        mut tx,
+        host_end,
+        stats,
+        irq,
+        _w: w,
+    } = socket_rig("net-eagain");
     // Fewer chains than one transmit batch, more than the socket takes.
     let n = 48u16;
     for i in 0..n {
-        let mut frame = vec![0u8; 60];
-        frame[..6].copy_from_slice(&[0xff; 6]);
-        frame[14..16].copy_from_slice(&i.to_be_bytes());
-        let h = tx.buffer(&[0; 12]);
-        let b = tx.buffer(&frame);
-        tx.add_chain(&[(h, 12, false), (b, 60, false)]);
+        post_numbered(&mut tx, i);
     }
     tx.kick();
     // The socket fills up; the rest waits, unused, for room.
@@ -856,7 +957,7 @@ fn tap_ring_reports_again_for_frames_a_full_tap_refuses() {
         });
     }
     // SAFETY: the iovecs point into `frames`, which lives until the end of the test.
-    unsafe { ring.run_batch(tap.fd(), n as usize, false) }.unwrap();
+    unsafe { ring.run_batch(tap.fd(), n as usize, false, false) }.unwrap();
     let results: Vec<_> = (0..n as usize).map(|i| ring.result(i).unwrap()).collect();
     let done = results
         .iter()

@@ -406,7 +406,7 @@ impl PairWorker {
                 ring.read_slots(self.tap.fd(), n)
             } else {
                 // SAFETY: the iovecs point into guest memory, mapped while `mem` lives.
-                unsafe { ring.run_batch(self.tap.fd(), n, true) }
+                unsafe { ring.run_batch(self.tap.fd(), n, true, false) }
             };
             if let Err(e) = read {
                 warn_ratelimited!(
@@ -469,7 +469,8 @@ impl PairWorker {
                         // Too short, did not fit or a tap error: that frame is gone.
                         self.shared.stats.dropped.fetch_add(1, Ordering::Relaxed);
                     }
-                    None => {}
+                    // Reads are never linked: nothing was read.
+                    Some(Sent::Cancelled) | None => {}
                 }
             }
             // Counted once per batch: these counters are shared with the VMM thread.
@@ -733,8 +734,11 @@ impl PairWorker {
                 Err(()) => v.clear(),
             }
         }
+        // A tap whose send buffer is limited can refuse a frame and take the next: keep
+        // the batch in order there (the default, unlimited, tap never refuses for room).
+        let in_order = self.tap.send_buffer_limited();
         // SAFETY: the iovecs point into guest memory, which stays mapped while `mem` lives.
-        if let Err(e) = unsafe { ring.run_batch(self.tap.fd(), n, false) } {
+        if let Err(e) = unsafe { ring.run_batch(self.tap.fd(), n, false, in_order) } {
             warn_ratelimited!(
                 "virtio-net: tap {}: batched transmission failed ({e}); writing frames one at \
                  a time from now on",
@@ -765,9 +769,9 @@ impl PairWorker {
                         .tx_bytes
                         .fetch_add(size as u64, Ordering::Relaxed);
                 }
-                Some(Sent::Again) => {
-                    // Sent again first once the tap can take more. Frames after it in this
-                    // batch that the tap did take went out before it.
+                Some(Sent::Again | Sent::Cancelled) => {
+                    // Sent again first, in order, once the tap can take more (a refused
+                    // frame, or one an in-order batch did not try after it).
                     let descs = self.descs[self.taken[i].descs.clone()].to_vec();
                     self.tx_retry.push_back((head, descs));
                     self.want_out = true;
