@@ -4,7 +4,8 @@
 //! request (KVM MSI route + irqfd), that a masked entry holds it back with its PBA bit set
 //! until it is unmasked, that the function mask does the same for an unmasked entry (a second
 //! message while masked is not lost), that a message for APIC 1 reaches CPU 1's IRR and not
-//! CPU 0's, that a queue the guest breaks makes the device signal NEEDS_RESET on the
+//! CPU 0's (and, with 288 vCPUs, that one for an APIC id above 255 gets there through the
+//! extended destination ID), that a queue the guest breaks makes the device signal NEEDS_RESET on the
 //! configuration vector, and that nothing arrives while MSI-X is disabled.
 
 mod common;
@@ -64,6 +65,29 @@ fn msix_message_for_apic_1_reaches_cpu_1_only() {
     assert_eq!(r.field("msix", "other_vector"), "0x44");
     // In APIC 1's IRR (read by CPU 1 itself), and not in APIC 0's.
     assert_eq!(r.field("msix", "other_apic"), "1");
+}
+
+#[test]
+fn msix_message_reaches_an_apic_id_above_255_through_the_extended_destination_id() {
+    // 288 vCPUs: kiln offers KVM_FEATURE_MSI_EXT_DEST_ID and moves the id's bits 14:8 from
+    // address bits 11:5 to where KVM's x2APIC routes read them. The probe aims the entry at
+    // an AP past 255 (its BSP switches to x2APIC to reach that AP by NMI).
+    let r = ProbeRun::boot(
+        &[
+            "--rng",
+            "--cpus",
+            "288",
+            "--cmdline",
+            "probe.checks=smp,pci,msix",
+        ],
+        Duration::from_secs(120),
+    );
+    r.assert_clean();
+    assert_eq!(r.field("smp", "cpus"), "288");
+    assert_eq!(r.field("msix", "apic"), "x2apic:0");
+    let other: u32 = r.field("msix", "other_apic").parse().unwrap();
+    assert!((256..288).contains(&other), "other_apic={other}");
+    assert_eq!(r.field("msix", "config_vector"), "0x45");
 }
 
 #[test]

@@ -21,6 +21,10 @@ pub enum CpuidError {
 }
 
 const ECX_HYPERVISOR: u32 = 1 << 31;
+/// KVM's paravirtual feature leaf.
+const LEAF_KVM_FEATURES: u32 = 0x4000_0001;
+/// KVM_FEATURE_MSI_EXT_DEST_ID: MSI address bits 11:5 carry APIC id bits 14:8.
+const EAX_KVM_MSI_EXT_DEST_ID: u32 = 1 << 15;
 const EDX_HTT: u32 = 1 << 28;
 const LEAF_EXT_TOPOLOGY: u32 = 0xb;
 const LEAF_V2_EXT_TOPOLOGY: u32 = 0x1f;
@@ -34,6 +38,14 @@ fn bits_for(count: u32) -> u32 {
     } else {
         32 - (count - 1).leading_zeros()
     }
+}
+
+/// Whether a VM of `cpu_count` vCPUs has APIC ids above 254 and so runs with KVM's x2APIC
+/// API (32-bit APIC ids in IPIs and MSI routes). Such a VM's CPUID offers the extended
+/// destination ID (KVM_FEATURE_MSI_EXT_DEST_ID), so that device interrupts can reach every
+/// vCPU without an IOMMU, and its MSI routes translate it (as QEMU does).
+pub fn uses_x2apic_api(cpu_count: u32) -> bool {
+    cpu_count > 254
 }
 
 /// Rewrites `cpuid` (from `KVM_GET_SUPPORTED_CPUID`) for vCPU `vcpu_id` of a VM with
@@ -74,6 +86,7 @@ pub fn configure(cpuid: &mut CpuId, vcpu_id: u32, cpu_count: u32) -> Result<(), 
                 let nc = cpu_count.saturating_sub(1).min(255);
                 e.ecx = (e.ecx & !0xf0ff) | (bits_for(cpu_count) << 12) | nc;
             }
+            LEAF_KVM_FEATURES if uses_x2apic_api(cpu_count) => e.eax |= EAX_KVM_MSI_EXT_DEST_ID,
             AMD_LEAF_EXT_APIC_ID => {
                 e.eax = apic_id;
                 e.ebx = apic_id & 0xff; // one thread per core: core id = APIC id
@@ -165,6 +178,29 @@ mod tests {
             .iter()
             .find(|e| e.function == f && e.index == i)
             .unwrap()
+    }
+
+    #[test]
+    fn the_extended_destination_id_is_offered_only_with_apic_ids_above_254() {
+        let with_kvm_leaf = || {
+            let mut c = base();
+            c.push(kvm_cpuid_entry2 {
+                function: LEAF_KVM_FEATURES,
+                eax: 0x7efb,
+                ..Default::default()
+            })
+            .unwrap();
+            c
+        };
+        let mut c = with_kvm_leaf();
+        configure(&mut c, 0, 254).unwrap();
+        assert_eq!(find(&c, LEAF_KVM_FEATURES, 0).eax, 0x7efb);
+        let mut c = with_kvm_leaf();
+        configure(&mut c, 0, 255).unwrap();
+        assert_eq!(
+            find(&c, LEAF_KVM_FEATURES, 0).eax,
+            0x7efb | EAX_KVM_MSI_EXT_DEST_ID
+        );
     }
 
     #[test]

@@ -143,7 +143,7 @@ fn check_host(kvm: &Kvm, cfg: &VmConfig) -> Result<(CpuId, u32), VmError> {
             return Err(VmError::MissingCapability(name));
         }
     }
-    if cfg.cpus > 254 && !kvm.check_extension(Cap::X2ApicApi) {
+    if cpuid::uses_x2apic_api(cfg.cpus) && !kvm.check_extension(Cap::X2ApicApi) {
         return Err(VmError::MissingCapability(
             "KVM_CAP_X2APIC_API, needed above 254 vCPUs",
         ));
@@ -202,7 +202,7 @@ fn create_vm(kvm: &Kvm, cfg: &VmConfig) -> Result<(VmFd, GuestMemory, Vec<SlotSp
         ..Default::default()
     };
     vm_fd.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
-    if cfg.cpus > 254 {
+    if cpuid::uses_x2apic_api(cfg.cpus) {
         let flags = kvm_bindings::KVM_X2APIC_API_USE_32BIT_IDS
             | kvm_bindings::KVM_X2APIC_API_DISABLE_BROADCAST_QUIRK;
         let cap = kvm_enable_cap {
@@ -319,6 +319,7 @@ fn attach_pci_root(
         phys_bits,
         pio,
         mmio,
+        cpuid::uses_x2apic_api(cfg.cpus),
     )?)
 }
 

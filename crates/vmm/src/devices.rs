@@ -130,7 +130,9 @@ pub struct DeviceManager {
 
 impl DeviceManager {
     /// The PCI root on `pio` (0xCF8) and `mmio` (ECAM), with its windows for a guest of
-    /// `mem_size` bytes on a host with `phys_bits` address bits.
+    /// `mem_size` bytes on a host with `phys_bits` address bits. `ext_dest_id`: the VM runs
+    /// with KVM's x2APIC API and MSIs may carry an extended destination ID (see
+    /// [`KvmHooks::new`]).
     pub fn new(
         vm: Arc<VmFd>,
         mem: GuestMemory,
@@ -138,6 +140,7 @@ impl DeviceManager {
         phys_bits: u32,
         pio: &Bus,
         mmio: &Arc<Bus>,
+        ext_dest_id: bool,
     ) -> Result<Self, DeviceError> {
         let windows = PciWindows {
             mmio32: (PCI_MMIO32_START, PCI_MMIO32_SIZE),
@@ -172,7 +175,7 @@ impl DeviceManager {
                 mmio32: windows.mmio32,
                 mmio64: windows.mmio64,
             },
-            hooks: Arc::new(KvmHooks::new(vm.clone())),
+            hooks: Arc::new(KvmHooks::new(vm.clone(), ext_dest_id)),
             vm,
             mem,
             mmio_bus: mmio.clone(),
@@ -418,7 +421,7 @@ mod tests {
         let mem = crate::memory::create_guest_memory(16 << 20).unwrap();
         let pio = Bus::new();
         let mmio = Arc::new(Bus::new());
-        let m = DeviceManager::new(vm, mem.clone(), 16 << 20, 48, &pio, &mmio).unwrap();
+        let m = DeviceManager::new(vm, mem.clone(), 16 << 20, 48, &pio, &mmio, false).unwrap();
         (m, pio, mmio, mem)
     }
 

@@ -50,8 +50,31 @@ pub fn default_routes() -> Vec<kvm_irq_routing_entry> {
     v
 }
 
-/// The full routing table: the defaults, then `msi` in GSI order.
-pub fn routing_table(msi: &BTreeMap<u32, MsiMessage>) -> Vec<kvm_irq_routing_entry> {
+/// Address bits 11:5 of an MSI in compatibility format: APIC id bits 14:8 when the guest
+/// uses the extended destination ID.
+const ADDR_EXT_DEST_ID: u32 = 0xfe0;
+/// Address bit 4: remappable format (an IOMMU's interrupt remapping, which kiln lacks).
+const ADDR_REMAPPABLE: u32 = 1 << 4;
+
+/// An MSI address (low, high word) as KVM's route wants it. With the x2APIC API KVM reads
+/// APIC id bits 31:8 from the high word; a guest offered KVM_FEATURE_MSI_EXT_DEST_ID writes
+/// bits 14:8 into low-word bits 11:5 instead. With `ext_dest_id` those bits move to the high
+/// word; a remappable-format message, or one that already uses the high word, stays as it is.
+pub fn kvm_msi_address(lo: u32, hi: u32, ext_dest_id: bool) -> (u32, u32) {
+    let ext = lo & ADDR_EXT_DEST_ID;
+    if !ext_dest_id || ext == 0 || lo & ADDR_REMAPPABLE != 0 || hi != 0 {
+        return (lo, hi);
+    }
+    // Bits 11:5 to high-word bits 14:8.
+    (lo & !ADDR_EXT_DEST_ID, ext << 3)
+}
+
+/// The full routing table: the defaults, then `msi` in GSI order (addresses translated as
+/// [`kvm_msi_address`] says).
+pub fn routing_table(
+    msi: &BTreeMap<u32, MsiMessage>,
+    ext_dest_id: bool,
+) -> Vec<kvm_irq_routing_entry> {
     let mut v = default_routes();
     for (&gsi, m) in msi {
         let mut e = kvm_irq_routing_entry {
@@ -59,8 +82,9 @@ pub fn routing_table(msi: &BTreeMap<u32, MsiMessage>) -> Vec<kvm_irq_routing_ent
             type_: KVM_IRQ_ROUTING_MSI,
             ..Default::default()
         };
-        e.u.msi.address_lo = m.addr_lo;
-        e.u.msi.address_hi = m.addr_hi;
+        let (lo, hi) = kvm_msi_address(m.addr_lo, m.addr_hi, ext_dest_id);
+        e.u.msi.address_lo = lo;
+        e.u.msi.address_hi = hi;
         e.u.msi.data = m.data;
         v.push(e);
     }
@@ -76,6 +100,7 @@ struct Routes {
 pub struct KvmHooks {
     vm: Arc<VmFd>,
     routes: Mutex<Routes>,
+    ext_dest_id: bool,
 }
 
 fn os(e: kvm_ioctls::Error) -> std::io::Error {
@@ -83,10 +108,13 @@ fn os(e: kvm_ioctls::Error) -> std::io::Error {
 }
 
 impl KvmHooks {
-    /// Hooks for `vm`; nothing is changed until a device asks.
-    pub fn new(vm: Arc<VmFd>) -> Self {
+    /// Hooks for `vm`; nothing is changed until a device asks. `ext_dest_id`: the VM runs
+    /// with KVM's x2APIC API and offers the guest the extended destination ID, which the
+    /// routes translate ([`kvm_msi_address`]).
+    pub fn new(vm: Arc<VmFd>, ext_dest_id: bool) -> Self {
         KvmHooks {
             vm,
+            ext_dest_id,
             routes: Mutex::new(Routes {
                 // The range is valid, so this cannot fail.
                 gsis: IdAllocator::new(IOAPIC_PINS, GSI_LAST)
@@ -97,7 +125,7 @@ impl KvmHooks {
     }
 
     fn commit(&self, msi: &BTreeMap<u32, MsiMessage>) -> std::io::Result<()> {
-        let table = routing_table(msi);
+        let table = routing_table(msi, self.ext_dest_id);
         let mut routing =
             KvmIrqRouting::new(0).map_err(|_| std::io::Error::from_raw_os_error(libc::ENOMEM))?;
         for e in table {
@@ -188,6 +216,40 @@ mod tests {
     use super::*;
 
     #[test]
+    fn extended_destination_ids_move_to_the_high_address_word() {
+        // APIC 0x123: bits 7:0 in address bits 19:12, bits 14:8 in bits 11:5.
+        let lo = 0xfee0_0000 | (0x23 << 12) | (0x1 << 5);
+        assert_eq!(kvm_msi_address(lo, 0, true), (0xfee2_3000, 0x100));
+        // The highest id the extension reaches: 0x7fff.
+        let lo = 0xfee0_0000 | (0xff << 12) | (0x7f << 5);
+        let (lo2, hi2) = kvm_msi_address(lo, 0, true);
+        assert_eq!(((lo2 >> 12) & 0xff) | (hi2 >> 8) << 8, 0x7fff);
+        // Left alone: the VM does not offer the extension, nothing in bits 11:5, the
+        // remappable format, or a high word already in use.
+        assert_eq!(kvm_msi_address(0xfee0_0020, 0, false), (0xfee0_0020, 0));
+        assert_eq!(kvm_msi_address(0xfee4_5008, 0, true), (0xfee4_5008, 0));
+        assert_eq!(kvm_msi_address(0xfee0_0030, 0, true), (0xfee0_0030, 0));
+        assert_eq!(
+            kvm_msi_address(0xfee0_0020, 0x200, true),
+            (0xfee0_0020, 0x200)
+        );
+        // The routing table carries the translated address.
+        let mut msi = BTreeMap::new();
+        msi.insert(
+            24,
+            MsiMessage {
+                addr_lo: 0xfee0_0000 | (0x20 << 12) | (0x1 << 5),
+                addr_hi: 0,
+                data: 0x45,
+            },
+        );
+        let e = *routing_table(&msi, true).last().unwrap();
+        // SAFETY: MSI entries carry the msi member.
+        let (lo, hi) = unsafe { (e.u.msi.address_lo, e.u.msi.address_hi) };
+        assert_eq!((lo, hi), (0xfee2_0000, 0x100));
+    }
+
+    #[test]
     fn table_keeps_the_legacy_routes_before_msi() {
         let mut msi = BTreeMap::new();
         msi.insert(
@@ -198,7 +260,7 @@ mod tests {
                 data: 0x41,
             },
         );
-        let t = routing_table(&msi);
+        let t = routing_table(&msi, false);
         assert_eq!(t.len(), 24 + 16 + 1);
         let chips: Vec<(u32, u32, u32)> = t
             .iter()
@@ -223,7 +285,7 @@ mod tests {
         let kvm = kvm_ioctls::Kvm::new().expect("this test needs /dev/kvm");
         let vm = Arc::new(kvm.create_vm().unwrap());
         vm.create_irq_chip().unwrap();
-        let hooks = KvmHooks::new(vm);
+        let hooks = KvmHooks::new(vm, false);
         let fd = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let gsi = hooks.add_vector(&fd).unwrap();
         assert_eq!(gsi, 24);

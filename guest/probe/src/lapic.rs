@@ -44,10 +44,24 @@ pub fn irr_bit(vector: u8) -> (u32, u32) {
 }
 
 /// The MSI address that targets APIC id `id` (physical destination mode,
-/// redirection hint off): 0xFEE0_0000 with the id in bits 19:12. `None`
-/// above 255 (that needs the extended destination id, which we do not use).
-pub fn msi_address(id: u32) -> Option<u32> {
-    (id <= 0xff).then_some(0xfee0_0000 | (id << 12))
+/// redirection hint off): 0xFEE0_0000 with id bits 7:0 in bits 19:12. Above
+/// 255 only with `ext_dest_id` (the hypervisor offers
+/// KVM_FEATURE_MSI_EXT_DEST_ID, see [`ext_dest_id_offered`]): id bits 14:8 in
+/// address bits 11:5. `None` where the id cannot be reached.
+pub fn msi_address(id: u32, ext_dest_id: bool) -> Option<u32> {
+    match id {
+        0..=0xff => Some(0xfee0_0000 | (id << 12)),
+        0x100..=0x7fff if ext_dest_id => Some(0xfee0_0000 | ((id & 0xff) << 12) | ((id >> 8) << 5)),
+        _ => None,
+    }
+}
+
+/// Whether the hypervisor is KVM and offers the MSI extended destination ID
+/// (CPUID 0x40000001 eax bit 15).
+pub fn ext_dest_id_offered() -> bool {
+    let sig = crate::io::cpuid(0x4000_0000, 0);
+    let kvm = [sig.ebx, sig.ecx, sig.edx] == [0x4b4d_564b, 0x564b_4d56, 0x0000_004d];
+    kvm && sig.eax >= 0x4000_0001 && crate::io::cpuid(0x4000_0001, 0).eax & (1 << 15) != 0
 }
 
 /// How the APIC is addressed.
@@ -74,6 +88,26 @@ impl Lapic {
             return Err(reason!("xAPIC base {:#x} above 4 GiB (outside the identity map)", addr));
         }
         Ok(Lapic::X(addr))
+    }
+
+    /// This APIC in x2APIC mode: from xAPIC it is switched (setting EXTD in
+    /// IA32_APIC_BASE, the architectural transition, which keeps its state).
+    /// An NMI can name a destination above 255 only from x2APIC mode.
+    pub fn to_x2apic(self) -> Result<Lapic, Reason> {
+        if self == Lapic::X2 {
+            return Ok(self);
+        }
+        if crate::io::cpuid(1, 0).ecx & (1 << 21) == 0 {
+            return Err(reason!("no x2APIC (CPUID 1 ecx bit 21 clear)"));
+        }
+        let base = ring0::rdmsr(MSR_APIC_BASE);
+        // SAFETY: enabled xAPIC to x2APIC is a legal mode change; every later
+        // user of this CPU's APIC reads the mode again (`Lapic::current`).
+        unsafe { ring0::wrmsr(MSR_APIC_BASE, base | APIC_BASE_X2APIC) };
+        match Lapic::current()? {
+            Lapic::X2 => Ok(Lapic::X2),
+            Lapic::X(_) => Err(reason!("the x2APIC bit of APIC_BASE did not stick")),
+        }
     }
 
     pub fn mode_name(&self) -> &'static str {
@@ -253,10 +287,14 @@ mod tests {
 
     #[test]
     fn msi_addresses_carry_the_destination_id() {
-        assert_eq!(msi_address(0), Some(0xfee0_0000));
-        assert_eq!(msi_address(3), Some(0xfee0_3000));
-        assert_eq!(msi_address(255), Some(0xfeef_f000));
-        assert_eq!(msi_address(256), None);
+        assert_eq!(msi_address(0, false), Some(0xfee0_0000));
+        assert_eq!(msi_address(3, false), Some(0xfee0_3000));
+        assert_eq!(msi_address(255, false), Some(0xfeef_f000));
+        assert_eq!(msi_address(256, false), None);
+        assert_eq!(msi_address(3, true), Some(0xfee0_3000));
+        assert_eq!(msi_address(0x123, true), Some(0xfee2_3020));
+        assert_eq!(msi_address(0x7fff, true), Some(0xfeef_ffe0));
+        assert_eq!(msi_address(0x8000, true), None);
     }
 
     #[test]

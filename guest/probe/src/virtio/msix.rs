@@ -18,7 +18,9 @@
 //! keeps one pending bit per vector) and clear the PBA bit. When the `smp`
 //! check started an AP, the entry is last aimed at that AP's APIC with
 //! [`OTHER_VECTOR`]: a read must put it in the AP's IRR (read by the AP
-//! itself, see [`RemoteLapic`]) and not in this CPU's. Last the configuration
+//! itself, see [`RemoteLapic`]) and not in this CPU's. With APIC ids above 255
+//! the AP is one of those, addressed through the extended destination ID when
+//! the hypervisor offers it. Last the configuration
 //! vector: queue 0 gives up its entry, the entry is aimed back at this CPU
 //! with [`CONFIG_VECTOR`] and assigned to configuration changes, and queue 0
 //! is handed a chain whose head is past the descriptor table: the device must
@@ -32,7 +34,7 @@ use core::sync::atomic::Ordering;
 use crate::clock::Clock;
 use crate::dma::Dma;
 use crate::io::{mmio_read32, mmio_write32};
-use crate::lapic::{msi_address, Lapic, RemoteLapic, TPR_BLOCK_ALL};
+use crate::lapic::{ext_dest_id_offered, msi_address, Lapic, RemoteLapic, TPR_BLOCK_ALL};
 use crate::pci::{Bdf, Config, Function, Pci, CAP_MSIX};
 use crate::ring0::{AP_NMI_STACKS, PROBE_AP_IDS, PROBE_AP_SLOT, PROBE_AP_STARTED};
 use crate::util::Reason;
@@ -125,15 +127,20 @@ struct Masks {
     other: Option<u32>,
 }
 
-/// An AP the `smp` check started that can answer [`RemoteLapic`] calls.
-fn other_cpu(own_id: u32) -> Option<u32> {
+/// An AP the `smp` check started that can answer [`RemoteLapic`] calls and
+/// that an MSI can reach; one with an APIC id above 255 when there is one (it
+/// takes the extended destination ID).
+fn other_cpu(own_id: u32, ext_dest_id: bool) -> Option<u32> {
     let started = PROBE_AP_STARTED.load(Ordering::Acquire) as usize;
     let slots = (PROBE_AP_SLOT.load(Ordering::Acquire) as usize).min(started);
-    PROBE_AP_IDS
-        .iter()
-        .take(slots.min(AP_NMI_STACKS))
-        .map(|id| id.load(Ordering::Acquire))
-        .find(|&id| id != own_id && id <= 0xff)
+    let reachable = || {
+        PROBE_AP_IDS
+            .iter()
+            .take(slots.min(AP_NMI_STACKS))
+            .map(|id| id.load(Ordering::Acquire))
+            .filter(move |&id| id != own_id && msi_address(id, ext_dest_id).is_some())
+    };
+    reachable().find(|&id| id > 0xff).or_else(|| reachable().next())
 }
 
 /// One MSI-X table entry of the function under test.
@@ -182,9 +189,15 @@ fn exercise(pci: &Pci, dev: &Dev, enable: bool, dma: &mut Dma, clock: &Clock) ->
     let pba = MsixCap::locate(f, cap.pba, pba_off + 4, "PBA")? + pba_off;
     let entry_regs = Entry { addr: table + 16 * u64::from(entry) };
 
-    let apic = Lapic::current()?;
+    let ext = ext_dest_id_offered();
+    let mut apic = Lapic::current()?;
+    // An NMI reaches an AP past APIC id 255 only with a 32-bit destination.
+    if other_cpu(apic.id(), ext).is_some_and(|id| id > 0xff) {
+        apic = apic.to_x2apic()?;
+    }
     let apic_id = apic.id();
-    let address = msi_address(apic_id).ok_or_else(|| reason!("APIC id {} needs an extended destination", apic_id))?;
+    let address =
+        msi_address(apic_id, ext).ok_or_else(|| reason!("APIC id {} needs an extended destination", apic_id))?;
     apic.software_enable();
     apic.set_tpr(TPR_BLOCK_ALL);
     if apic.tpr() != TPR_BLOCK_ALL {
@@ -311,7 +324,7 @@ fn exercise(pci: &Pci, dev: &Dev, enable: bool, dma: &mut Dma, clock: &Clock) ->
         }
 
         // Another CPU: the AP's APIC must be software-enabled to accept it.
-        let other = match other_cpu(apic_id) {
+        let other = match other_cpu(apic_id, ext) {
             None => None,
             Some(id) => {
                 let remote = RemoteLapic::new(&apic, id, clock);
@@ -319,7 +332,7 @@ fn exercise(pci: &Pci, dev: &Dev, enable: bool, dma: &mut Dma, clock: &Clock) ->
                 if remote.irr_has(OTHER_VECTOR)? {
                     return Err(reason!("vector {:#x} already pending in APIC {}'s IRR", OTHER_VECTOR, id));
                 }
-                let to = msi_address(id).ok_or_else(|| reason!("APIC id {} needs an extended destination", id))?;
+                let to = msi_address(id, ext).ok_or_else(|| reason!("APIC id {} needs an extended destination", id))?;
                 entry_regs.program(to, OTHER_VECTOR, false);
                 request(&d.t, q, &[Seg::inp(buf, READ)], clock, 2000)?;
                 let dl = clock.deadline_ms(DELIVER_MS);
