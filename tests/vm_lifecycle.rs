@@ -51,6 +51,13 @@ fn pause_save_restore_resume_keeps_the_guest_running() {
     let again = vm.save_vcpu_states().expect("save again");
     assert_eq!(again[0].regs.rip, rip, "a paused vCPU does not run");
 
+    // The in-kernel PICs, IOAPIC, PIT and clock go through JSON and back into the VM too.
+    let chips = vm.save_chips().expect("save the in-kernel chips");
+    let json = serde_json::to_string(&chips).expect("chip state serializes");
+    let chips: kiln_vmm::chips::ChipsState = serde_json::from_str(&json).expect("and deserializes");
+    vm.restore_chips(&chips)
+        .expect("restore the in-kernel chips");
+
     vm.restore_vcpu_states(back).expect("restore vCPU states");
     vm.resume().expect("resume");
     assert_eq!(vm.run().expect("run to power-off"), VmOutcome::PowerOff);

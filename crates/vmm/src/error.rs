@@ -67,6 +67,9 @@ pub enum VmError {
     /// CPUID.
     #[error(transparent)]
     Cpuid(#[from] cpuid::CpuidError),
+    /// The in-kernel interrupt controllers and timers.
+    #[error(transparent)]
+    Chips(#[from] crate::chips::ChipsError),
     /// Device wiring.
     #[error("device setup: {0}")]
     Bus(#[from] kiln_devices::BusError),

@@ -2,6 +2,7 @@
 //! running VM ([`vm::Vm`]), vCPU threads and the event loop.
 
 mod builder;
+pub mod chips;
 pub mod config;
 pub mod console;
 pub mod decompress;

@@ -129,6 +129,18 @@ impl Vm {
         Ok(self.devices.restore(states)?)
     }
 
+    /// The in-kernel PICs, IOAPIC, PIT and kvm-clock base; the VM must be paused.
+    pub fn save_chips(&self) -> Result<crate::chips::ChipsState, VmError> {
+        Ok(crate::chips::save(&self.vm_fd)?)
+    }
+
+    /// Loads what [`Vm::save_chips`] returned (for a VM built from the same configuration),
+    /// before the device states: those re-assert their pending interrupt lines into the
+    /// loaded IOAPIC. The VM must be paused.
+    pub fn restore_chips(&self, state: &crate::chips::ChipsState) -> Result<(), VmError> {
+        Ok(crate::chips::restore(&self.vm_fd, state)?)
+    }
+
     /// The state of every vCPU; the VM must be paused.
     pub fn save_vcpu_states(&self) -> Result<Vec<VcpuState>, VmError> {
         self.vcpus
