@@ -13,6 +13,14 @@ mod common;
 use common::ProbeRun;
 use std::time::Duration;
 
+/// Boots the probe with virtio-rng and `cpus` vCPUs, running `cmdline`.
+fn boot_rng_cpus(cpus: u32, cmdline: &str, secs: u64) -> ProbeRun {
+    ProbeRun::boot(
+        &["--rng", "--cpus", &cpus.to_string(), "--cmdline", cmdline],
+        Duration::from_secs(secs),
+    )
+}
+
 #[test]
 fn virtio_rng_msix_vector_reaches_the_local_apic() {
     let r = ProbeRun::boot(
@@ -49,16 +57,7 @@ fn virtio_rng_msix_vector_reaches_the_local_apic() {
 
 #[test]
 fn msix_message_for_apic_1_reaches_cpu_1_only() {
-    let r = ProbeRun::boot(
-        &[
-            "--rng",
-            "--cpus",
-            "2",
-            "--cmdline",
-            "probe.checks=smp,pci,msix",
-        ],
-        Duration::from_secs(60),
-    );
+    let r = boot_rng_cpus(2, "probe.checks=smp,pci,msix", 60);
     r.assert_clean();
     assert_eq!(r.field("smp", "cpus"), "2");
     assert_eq!(r.field("msix", "apic"), "xapic:0");
@@ -72,16 +71,7 @@ fn msix_message_reaches_an_apic_id_above_255_through_the_extended_destination_id
     // 288 vCPUs: kiln offers KVM_FEATURE_MSI_EXT_DEST_ID and moves the id's bits 14:8 from
     // address bits 11:5 to where KVM's x2APIC routes read them. The probe aims the entry at
     // an AP past 255 (its BSP switches to x2APIC to reach that AP by NMI).
-    let r = ProbeRun::boot(
-        &[
-            "--rng",
-            "--cpus",
-            "288",
-            "--cmdline",
-            "probe.checks=smp,pci,msix",
-        ],
-        Duration::from_secs(120),
-    );
+    let r = boot_rng_cpus(288, "probe.checks=smp,pci,msix", 120);
     r.assert_clean();
     assert_eq!(r.field("smp", "cpus"), "288");
     assert_eq!(r.field("msix", "apic"), "x2apic:0");
@@ -92,16 +82,7 @@ fn msix_message_reaches_an_apic_id_above_255_through_the_extended_destination_id
 
 #[test]
 fn msix_still_works_after_hostile_queues_and_with_several_vcpus() {
-    let r = ProbeRun::boot(
-        &[
-            "--rng",
-            "--cpus",
-            "4",
-            "--cmdline",
-            "probe.checks=smp,pci,hostile,msix probe.hostile=rng",
-        ],
-        Duration::from_secs(60),
-    );
+    let r = boot_rng_cpus(4, "probe.checks=smp,pci,hostile,msix probe.hostile=rng", 60);
     r.assert_clean();
     r.ok("hostile");
     assert_eq!(r.field("msix", "pba"), "set");

@@ -89,7 +89,28 @@ fn rig(tag: u8, feature_mask: u64) -> Rig {
     r
 }
 
+/// A UDP frame to port 7777 (bytes 36..38 of an untagged IPv4 frame).
+fn udp_to_7777(f: &[u8]) -> bool {
+    f.len() >= 44 && f[12..14] == [8, 0] && f[36..38] == 7777u16.to_be_bytes()
+}
+
 impl Rig {
+    /// Tells the host the guest's MAC (no ARP needed) and returns the tap's name.
+    fn neighbour_guest(&self) -> String {
+        let tap = self.dev.tap_name().to_owned();
+        let mac = MAC.map(|b| format!("{b:02x}")).join(":");
+        ip(&[
+            "neigh",
+            "replace",
+            &self.guest_ip.to_string(),
+            "lladdr",
+            &mac,
+            "dev",
+            &tap,
+        ]);
+        tap
+    }
+
     fn post_rx(&mut self) {
         let b = self.rx.alloc(u64::from(BUF));
         let head = self.rx.add_chain(&[(b, BUF, true)]);
@@ -468,17 +489,7 @@ fn a_burst_of_frames_reaches_the_host_in_order_and_a_bad_one_is_dropped() {
 fn a_burst_from_the_host_arrives_whole_and_in_order() {
     // Receive buffers are filled a batch at a time: frames must still arrive in order.
     let mut r = rig(8, u64::MAX);
-    let tap = r.dev.tap_name().to_owned();
-    let mac = MAC.map(|b| format!("{b:02x}")).join(":");
-    ip(&[
-        "neigh",
-        "replace",
-        &r.guest_ip.to_string(),
-        "lladdr",
-        &mac,
-        "dev",
-        &tap,
-    ]);
+    r.neighbour_guest();
     let sock = UdpSocket::bind((r.host_ip, 0)).unwrap();
     let n = 40u16;
     for i in 0..n {
@@ -486,10 +497,7 @@ fn a_burst_from_the_host_arrives_whole_and_in_order() {
     }
     let mut got = Vec::new();
     while got.len() < usize::from(n) {
-        // UDP to port 7777 (bytes 36..38 of an untagged IPv4 frame).
-        let (_, f) = r.receive(|f| {
-            f.len() >= 44 && f[12..14] == [8, 0] && f[36..38] == 7777u16.to_be_bytes()
-        });
+        let (_, f) = r.receive(udp_to_7777);
         got.push(u16::from_be_bytes([f[42], f[43]]));
     }
     assert_eq!(got, (0..n).collect::<Vec<_>>());
@@ -501,17 +509,7 @@ fn full_size_frames_arrive_intact_through_the_receive_slots_and_an_oversized_one
     // to the chains: every byte must arrive, in order; a frame longer than a slot is counted
     // as dropped and the next one still arrives.
     let mut r = rig(10, !(F_GUEST_TSO4 | F_GUEST_TSO6 | F_GUEST_ECN));
-    let tap = r.dev.tap_name().to_owned();
-    let mac = MAC.map(|b| format!("{b:02x}")).join(":");
-    ip(&[
-        "neigh",
-        "replace",
-        &r.guest_ip.to_string(),
-        "lladdr",
-        &mac,
-        "dev",
-        &tap,
-    ]);
+    let tap = r.neighbour_guest();
     // Room on the host side for a frame longer than a slot (set before anything is sent, so
     // the host does not fragment the long datagram on a remembered 1500-byte path).
     ip(&["link", "set", "dev", &tap, "mtu", "3000"]);
@@ -523,15 +521,13 @@ fn full_size_frames_arrive_intact_through_the_receive_slots_and_an_oversized_one
         p[..2].copy_from_slice(&i.to_be_bytes());
         p
     };
-    let to_guest =
-        |f: &[u8]| f.len() >= 44 && f[12..14] == [8, 0] && f[36..38] == 7777u16.to_be_bytes();
     // 1472 bytes of UDP payload: 1514-byte frames.
     let n = 40u16;
     for i in 0..n {
         sock.send_to(&payload(i, 1472), (r.guest_ip, 7777)).unwrap();
     }
     for i in 0..n {
-        let (hdr, f) = r.receive(to_guest);
+        let (hdr, f) = r.receive(udp_to_7777);
         assert_eq!(f.len(), 1514);
         assert_eq!(hdr[10..12], [1, 0], "num_buffers");
         assert_eq!(f[42..], payload(i, 1472)[..], "frame {i}");
@@ -546,7 +542,7 @@ fn full_size_frames_arrive_intact_through_the_receive_slots_and_an_oversized_one
     sock.send_to(&payload(n, 2500), (r.guest_ip, 7777)).unwrap();
     sock.send_to(&payload(n + 1, 100), (r.guest_ip, 7777))
         .unwrap();
-    let (_, f) = r.receive(to_guest);
+    let (_, f) = r.receive(udp_to_7777);
     assert_eq!(
         f[42..],
         payload(n + 1, 100)[..],
