@@ -113,6 +113,45 @@ struct Rate {
     fps: f64,
     mbps: f64,
     dropped: f64,
+    /// The VMM's network thread: CPU seconds per frame, and the share of a core it had,
+    /// sampled over the middle of the run (NaN when the thread was not found).
+    io_per_frame: f64,
+    io_busy: f64,
+}
+
+/// Which thread of a VMM moves the frames.
+#[derive(Clone, Copy)]
+enum IoThread {
+    /// The thread with this name (kiln's queue-pair worker).
+    Named(&'static str),
+    /// The main thread (QEMU's main loop serves the tap).
+    Main,
+}
+
+/// CPU seconds `which` thread of process `pid` has used so far.
+fn thread_cpu(pid: u32, which: IoThread) -> Option<f64> {
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+    for t in tasks.flatten() {
+        let tid = t.file_name().to_string_lossy().into_owned();
+        let stat = std::fs::read_to_string(t.path().join("stat")).ok()?;
+        let (head, rest) = stat.rsplit_once(')')?;
+        let comm = head.split_once('(')?.1;
+        let hit = match which {
+            IoThread::Named(n) => comm == n,
+            IoThread::Main => tid == pid.to_string(),
+        };
+        if hit {
+            // After the name: state is field 3, utime and stime fields 14 and 15.
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            let ticks = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+            // Clock ticks, far below 2^52: exact as f64.
+            #[allow(clippy::cast_precision_loss)]
+            return Some(ticks as f64 / hz.max(1) as f64);
+        }
+    }
+    None
 }
 
 /// A tap interface with the host's address, removed on drop.
@@ -309,11 +348,21 @@ fn rate(line: &str) -> Option<Rate> {
         fps: get("fps")?,
         mbps: get("mbps")?,
         dropped: 0.0,
+        io_per_frame: f64::NAN,
+        io_busy: f64::NAN,
     })
 }
 
-/// Runs one VM command for `row`; returns its rate and the frames it says it sent.
-fn run_vm(mut cmd: Command, row: Row, tap: &Tap, who: &str) -> Result<Rate, String> {
+/// Runs one VM command for `row` (the probe measuring for `secs`); returns its rate, with
+/// the CPU time of its network thread `io` sampled from 0.5 s to `secs` s after the start.
+fn run_vm(
+    mut cmd: Command,
+    row: Row,
+    tap: &Tap,
+    who: &str,
+    secs: u64,
+    io: IoThread,
+) -> Result<Rate, String> {
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -324,7 +373,15 @@ fn run_vm(mut cmd: Command, row: Row, tap: &Tap, who: &str) -> Result<Rate, Stri
     });
     let rx0 = tap.rx_packets();
     let dropped0 = tap.stat("tx_dropped");
-    let out = cmd.output();
+    let out = cmd.spawn().and_then(|child| {
+        let pid = child.id();
+        let t0 = std::time::Instant::now();
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        let a = thread_cpu(pid, io).map(|c| (c, t0.elapsed()));
+        std::thread::sleep(std::time::Duration::from_millis(secs * 1000 - 500));
+        let b = thread_cpu(pid, io).map(|c| (c, t0.elapsed()));
+        child.wait_with_output().map(|o| (o, a.zip(b)))
+    });
     stop.store(true, Ordering::Relaxed);
     let mut offered = 0u64;
     if let Some(s) = sender {
@@ -333,9 +390,14 @@ fn run_vm(mut cmd: Command, row: Row, tap: &Tap, who: &str) -> Result<Rate, Stri
             .map_err(|_| "the frame sender panicked".to_string())??;
     }
     let dropped = tap.stat("tx_dropped").saturating_sub(dropped0);
-    let out = out.map_err(|e| format!("{who}: {e}"))?;
+    let (out, io_cpu) = out.map_err(|e| format!("{who}: {e}"))?;
     let line = result_line(&out, "net_bench", who)?;
     let mut r = rate(&line).ok_or_else(|| format!("{who}: unreadable {line}"))?;
+    if let Some(((c0, t0), (c1, t1))) = io_cpu {
+        let dt = (t1 - t0).as_secs_f64();
+        r.io_busy = (c1 - c0) / dt;
+        r.io_per_frame = r.io_busy / r.fps.max(1.0);
+    }
     if offered > 0 {
         // Counters, far below 2^52: exact as f64.
         #[allow(clippy::cast_precision_loss)]
@@ -375,7 +437,7 @@ fn kiln(o: &Options, tap: &Tap, row: Row) -> Result<Rate, String> {
         "--kernel",
     ])
     .arg(&o.probe);
-    run_vm(c, row, tap, "kiln")
+    run_vm(c, row, tap, "kiln", o.secs, IoThread::Named("net-q0"))
 }
 
 fn qemu(o: &Options, tap: &Tap, row: Row) -> Result<Rate, String> {
@@ -390,7 +452,7 @@ fn qemu(o: &Options, tap: &Tap, row: Row) -> Result<Rate, String> {
         &cmdline(row, o.secs),
         &["-netdev", &netdev, "-device", &device],
     );
-    run_vm(c, row, tap, "qemu")
+    run_vm(c, row, tap, "qemu", o.secs, IoThread::Main)
 }
 
 /// Runs the benchmark; returns whether kiln reached 1.2 × QEMU on every row.
@@ -422,6 +484,7 @@ pub fn run(o: &Options) -> Result<bool, String> {
         }
         let (mut kf, mut km, mut qf, mut qm) = (vec![], vec![], vec![], vec![]);
         let (mut kd, mut qd) = (vec![], vec![]);
+        let (mut kio, mut qio, mut kbusy, mut qbusy) = (vec![], vec![], vec![], vec![]);
         for _ in 0..o.runs {
             let k = kiln(o, &tap, row)?;
             let q = qemu(o, &tap, row)?;
@@ -431,6 +494,10 @@ pub fn run(o: &Options) -> Result<bool, String> {
             qm.push(q.mbps);
             kd.push(k.dropped);
             qd.push(q.dropped);
+            kio.push(k.io_per_frame);
+            qio.push(q.io_per_frame);
+            kbusy.push(k.io_busy);
+            qbusy.push(q.io_busy);
         }
         let (kf, km, qf, qm) = (
             median(&mut kf),
@@ -451,6 +518,14 @@ pub fn run(o: &Options) -> Result<bool, String> {
                 100.0 * median(&mut qd)
             );
         }
+        println!(
+            "{:<20} network thread: {:.2} µs CPU per frame, {:.0} % busy (kiln net-q0); {:.2} µs, {:.0} % (qemu main loop)",
+            "",
+            1e6 * median(&mut kio),
+            100.0 * median(&mut kbusy),
+            1e6 * median(&mut qio),
+            100.0 * median(&mut qbusy)
+        );
         ok &= ratio >= 1.2;
     }
     println!("target: kiln >= 1.2 x QEMU (vhost=off) on every row");

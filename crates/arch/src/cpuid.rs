@@ -40,8 +40,8 @@ fn bits_for(count: u32) -> u32 {
     }
 }
 
-/// Whether a VM of `cpu_count` vCPUs has APIC ids above 254 and so runs with KVM's x2APIC
-/// API (32-bit APIC ids in IPIs and MSI routes). Such a VM's CPUID offers the extended
+/// Whether a VM of `cpu_count` vCPUs (more than 254) runs with KVM's x2APIC API (32-bit
+/// APIC ids in IPIs and MSI routes). Such a VM's CPUID offers the extended
 /// destination ID (KVM_FEATURE_MSI_EXT_DEST_ID), so that device interrupts can reach every
 /// vCPU without an IOMMU, and its MSI routes translate it (as QEMU does).
 pub fn uses_x2apic_api(cpu_count: u32) -> bool {
