@@ -127,22 +127,7 @@ impl TapRing {
                 break;
             }
         }
-        let mut done = 0usize;
-        for v in &self.iovecs[to] {
-            let n = v.iov_len.min(len - done);
-            // SAFETY: as above, for the chain written to; n <= iov_len, done + n <= len.
-            unsafe {
-                std::ptr::copy_nonoverlapping(
-                    scratch.as_ptr().add(done),
-                    v.iov_base.cast::<u8>(),
-                    n,
-                )
-            };
-            done += n;
-            if done == len {
-                break;
-            }
-        }
+        copy_to_iovecs(&self.iovecs[to], scratch);
     }
 
     /// Writes (or, with `read`, reads) frames `0..n` to (from) `fd`, each with its own
@@ -283,20 +268,7 @@ impl TapRing {
     /// Copies the first `len` bytes of slot `from` into frame `to`'s iovecs, which the
     /// caller checked can hold them.
     pub(crate) fn deliver(&self, from: usize, to: usize, len: usize) {
-        let src = &self.slots[from].0[..len.min(RX_SLOT)];
-        let mut done = 0usize;
-        for v in &self.iovecs[to] {
-            let n = v.iov_len.min(src.len() - done);
-            // SAFETY: the iovec describes writable guest memory that the caller keeps mapped
-            // (it holds the guest memory) and n <= iov_len; the source is our own slot.
-            unsafe {
-                std::ptr::copy_nonoverlapping(src.as_ptr().add(done), v.iov_base.cast::<u8>(), n)
-            };
-            done += n;
-            if done == src.len() {
-                break;
-            }
-        }
+        copy_to_iovecs(&self.iovecs[to], &self.slots[from].0[..len.min(RX_SLOT)]);
     }
 
     /// What became of frame `i` of the last batch (`None`: it was skipped).
@@ -307,5 +279,24 @@ impl TapRing {
             r if r == -libc::ECANCELED => Sent::Cancelled,
             r => Sent::Refused(r.saturating_neg()),
         })
+    }
+}
+
+/// Copies `src` into the buffers `iovecs` describes, in order, up to their total length.
+/// They must be writable guest memory from the last batch's chains, which the ring's owner
+/// keeps mapped while it holds the guest memory.
+fn copy_to_iovecs(iovecs: &[libc::iovec], src: &[u8]) {
+    let mut done = 0usize;
+    for v in iovecs {
+        if done == src.len() {
+            break;
+        }
+        let n = v.iov_len.min(src.len() - done);
+        // SAFETY: the iovec is writable, mapped memory (see above) and n <= iov_len; the
+        // source has n bytes from `done` on (done + n <= src.len()).
+        unsafe {
+            std::ptr::copy_nonoverlapping(src.as_ptr().add(done), v.iov_base.cast::<u8>(), n)
+        };
+        done += n;
     }
 }

@@ -80,6 +80,10 @@ pub enum TapError {
 pub struct Tap {
     file: File,
     name: String,
+    /// Writes can be refused for want of send-buffer room (see
+    /// [`Tap::send_buffer_limited`]); read once when the queue is opened, since only its
+    /// holder (kiln) could change it, and kiln leaves it as the kernel made it.
+    send_buffer_limited: std::sync::atomic::AtomicBool,
 }
 
 impl Tap {
@@ -136,10 +140,7 @@ impl Tap {
                 io::Error::last_os_error(),
             ));
         }
-        let tap = Tap {
-            file,
-            name: name.to_owned(),
-        };
+        let tap = Tap::with_file(file, name);
         let hdr = libc::c_int::try_from(VNET_HDR_LEN).unwrap_or(12);
         // SAFETY: TUNSETVNETHDRSZ reads one int through the pointer, which lives across the call.
         let rc = unsafe { libc::ioctl(tap.fd(), libc::TUNSETVNETHDRSZ, &hdr) };
@@ -152,10 +153,31 @@ impl Tap {
     /// they can fill up, which a tap never is).
     #[cfg(test)]
     pub(crate) fn from_file(file: File, name: &str) -> Tap {
+        Tap::with_file(file, name)
+    }
+
+    fn with_file(file: File, name: &str) -> Tap {
+        let mut bytes: libc::c_int = 0;
+        // SAFETY: TUNGETSNDBUF writes one int through the pointer, which lives across the call.
+        let rc = unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNGETSNDBUF, &mut bytes) };
         Tap {
             file,
             name: name.to_owned(),
+            send_buffer_limited: (rc != 0 || bytes < libc::c_int::MAX).into(),
         }
+    }
+
+    /// Limits the queue's send buffer to `bytes` (TUNSETSNDBUF): tests make a tap refuse
+    /// frames with it.
+    #[cfg(test)]
+    pub(crate) fn set_send_buffer(&self, bytes: libc::c_int) {
+        // SAFETY: TUNSETSNDBUF reads one int through the pointer, which lives across the call.
+        let rc = unsafe { libc::ioctl(self.fd(), libc::TUNSETSNDBUF, &bytes) };
+        assert_eq!(rc, 0, "TUNSETSNDBUF: {}", io::Error::last_os_error());
+        self.send_buffer_limited.store(
+            bytes < libc::c_int::MAX,
+            std::sync::atomic::Ordering::Relaxed,
+        );
     }
 
     /// The interface name.
@@ -184,10 +206,8 @@ impl Tap {
     /// send buffer is limited (TUNSETSNDBUF; a tap starts unlimited), or this is not a tap
     /// and nobody can say.
     pub fn send_buffer_limited(&self) -> bool {
-        let mut bytes: libc::c_int = 0;
-        // SAFETY: TUNGETSNDBUF writes one int through the pointer, which lives across the call.
-        let rc = unsafe { libc::ioctl(self.fd(), libc::TUNGETSNDBUF, &mut bytes) };
-        rc != 0 || bytes < libc::c_int::MAX
+        self.send_buffer_limited
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Tells the tap which offloads the guest accepts on receive (`TUN_F_*`).

@@ -41,16 +41,21 @@ fn subnet(tag: u8) -> (Ipv4Addr, Ipv4Addr) {
     )
 }
 
-fn ip(args: &[&str]) {
-    let out = Command::new("ip")
+/// Runs an iproute2 `tool` (`ip`, `tc`) and requires it to succeed.
+fn iproute2(tool: &str, args: &[&str]) {
+    let out = Command::new(tool)
         .args(args)
         .output()
-        .expect("these tests need the `ip` tool (iproute2)");
+        .unwrap_or_else(|e| panic!("these tests need the `{tool}` tool (iproute2): {e}"));
     assert!(
         out.status.success(),
-        "ip {args:?}: {}",
+        "{tool} {args:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+fn ip(args: &[&str]) {
+    iproute2("ip", args);
 }
 
 fn rig(tag: u8, feature_mask: u64) -> Rig {
@@ -798,15 +803,7 @@ fn frames_the_tap_refuses_go_out_later_in_order() {
 }
 
 fn tc(args: &[&str]) {
-    let out = Command::new("tc")
-        .args(args)
-        .output()
-        .expect("these tests need the `tc` tool (iproute2)");
-    assert!(
-        out.status.success(),
-        "tc {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    iproute2("tc", args);
 }
 
 /// Ethertype of the test frames (IEEE "local experimental").
@@ -823,13 +820,6 @@ fn held_frame(src: [u8; 6], seq: u32) -> Vec<u8> {
     f.extend_from_slice(&seq.to_be_bytes());
     f.resize(540, 0x5a);
     f
-}
-
-/// Sets the send buffer of every queue of the tap that `fd` belongs to.
-fn set_sndbuf(fd: std::os::fd::RawFd, bytes: libc::c_int) {
-    // SAFETY: TUNSETSNDBUF reads one int through the pointer, which lives across the call.
-    let rc = unsafe { libc::ioctl(fd, libc::TUNSETSNDBUF, &bytes) };
-    assert_eq!(rc, 0, "TUNSETSNDBUF: {}", std::io::Error::last_os_error());
 }
 
 /// A way out of a tap that holds frames: a bridge joins the tap to a peer tap whose egress
@@ -936,7 +926,7 @@ fn tap_ring_reports_again_for_frames_a_full_tap_refuses() {
         .pop()
         .unwrap();
     let path = HeldPath::new(tap.name(), "10");
-    set_sndbuf(tap.fd(), 16 << 10);
+    tap.set_send_buffer(16 << 10);
     let n = 64;
     let frames: Vec<Vec<u8>> = (0..n)
         .map(|seq| {
@@ -974,7 +964,7 @@ fn frames_the_tap_refuses_with_eagain_are_sent_later_in_order_and_none_is_lost()
     let mut r = rig(9, u64::MAX);
     let path = HeldPath::new(r.dev.tap_name(), "9");
     // Room for a few dozen frames in flight: the held qdisc soon fills it.
-    set_sndbuf(r.dev.taps[0].fd(), 16 << 10);
+    r.dev.taps[0].set_send_buffer(16 << 10);
     let post = |tx: &mut TestDriver, seq: u32| {
         let mut chain = vec![0u8; VNET_HDR_LEN];
         chain.extend_from_slice(&held_frame(MAC, seq));

@@ -31,7 +31,7 @@ use crate::pci::{Bdf, Pci, CAP_MSIX, CMD_INTX_DISABLE};
 use crate::util::Reason;
 use crate::{emit, reason};
 
-use super::{open, request, Dev, DevId, Devs, Seg, TYPE_RNG};
+use super::{msix, open, request, Dev, DevId, Devs, Seg, TYPE_RNG};
 
 /// The vector INTA# is routed to.
 pub const VECTOR: u8 = 0x51;
@@ -45,7 +45,6 @@ const READ: u32 = 64;
 const PCI_COMMAND: u16 = 0x04;
 const PCI_INTERRUPT_LINE: u16 = 0x3c;
 const PCI_INTERRUPT_PIN: u16 = 0x3d;
-const MSIX_CONTROL_ENABLE: u16 = 1 << 15;
 
 /// IOAPIC redirection entry bits (low dword).
 const RTE_ACTIVE_LOW: u32 = 1 << 13;
@@ -210,7 +209,7 @@ fn msix_off(pci: &Pci, bdf: Bdf) {
     };
     if let Some(cap) = f.caps().iter().find(|c| c.id == CAP_MSIX) {
         let ctrl = u16::from(cap.off) + 2;
-        cfg.write16(bdf, ctrl, cfg.read16(bdf, ctrl) & !MSIX_CONTROL_ENABLE);
+        cfg.write16(bdf, ctrl, cfg.read16(bdf, ctrl) & !msix::CONTROL_ENABLE);
     }
 }
 

@@ -60,7 +60,7 @@ const HOLD_MS: u64 = 200;
 /// Bytes per read request.
 const READ: u32 = 64;
 
-const CONTROL_ENABLE: u16 = 1 << 15;
+pub(super) const CONTROL_ENABLE: u16 = 1 << 15;
 const CONTROL_FUNCTION_MASK: u16 = 1 << 14;
 const VECTOR_MASKED: u32 = 1;
 
