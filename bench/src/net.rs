@@ -272,7 +272,10 @@ fn frame(size: usize) -> Vec<u8> {
     f
 }
 
-/// Sends `size`-byte frames into the tap until `stop`; returns frames the kernel took.
+/// Sends `size`-byte frames into the tap until `stop`; returns the frames the tap queued.
+/// A frame the tap drops (its queue is full, or no reader is attached) is not among them:
+/// the tap counts it in `tx_dropped` and `sendmmsg` stops at it with ENOBUFS. What was
+/// offered is therefore the returned count plus the rise in `tx_dropped`.
 fn blast(index: i32, size: usize, stop: &AtomicBool) -> Result<u64, String> {
     let proto = u16::try_from(libc::ETH_P_ALL).unwrap_or(0).to_be();
     // SAFETY: plain socket creation; the fd is owned below.
@@ -383,11 +386,12 @@ fn run_vm(
         child.wait_with_output().map(|o| (o, a.zip(b)))
     });
     stop.store(true, Ordering::Relaxed);
-    let mut offered = 0u64;
+    let mut queued = None;
     if let Some(s) = sender {
-        offered = s
-            .join()
-            .map_err(|_| "the frame sender panicked".to_string())??;
+        queued = Some(
+            s.join()
+                .map_err(|_| "the frame sender panicked".to_string())??,
+        );
     }
     let dropped = tap.stat("tx_dropped").saturating_sub(dropped0);
     let (out, io_cpu) = out.map_err(|e| format!("{who}: {e}"))?;
@@ -398,11 +402,11 @@ fn run_vm(
         r.io_busy = (c1 - c0) / dt;
         r.io_per_frame = r.io_busy / r.fps.max(1.0);
     }
-    if offered > 0 {
+    if let Some(queued) = queued {
         // Counters, far below 2^52: exact as f64.
         #[allow(clippy::cast_precision_loss)]
         {
-            r.dropped = dropped as f64 / offered as f64;
+            r.dropped = dropped as f64 / (queued + dropped).max(1) as f64;
         }
     }
     if row.dir == Dir::GuestToHost {
@@ -567,10 +571,11 @@ pub fn floor(secs: u64) -> Result<bool, String> {
         let (frames, cpu) = reader
             .join()
             .map_err(|_| "the reader panicked".to_string())?;
-        let offered = sender
+        let queued = sender
             .join()
             .map_err(|_| "the frame sender panicked".to_string())??;
         let dropped = tap.stat("tx_dropped").saturating_sub(dropped0);
+        let offered = queued + dropped;
         // Counters and seconds, far below 2^52: exact enough as f64.
         #[allow(clippy::cast_precision_loss)]
         {
