@@ -1049,3 +1049,248 @@ fn frames_the_tap_refuses_with_eagain_are_sent_later_in_order_and_none_is_lost()
         r.irq.reset_reasons()
     );
 }
+
+/// An Ethernet/IPv4/TCP frame from `from` port 5555 to `to` port 7777 carrying `payload`,
+/// with the TCP checksum field left at zero (the tests offload it).
+fn tcp_frame(
+    dst_mac: [u8; 6],
+    src_mac: [u8; 6],
+    from: Ipv4Addr,
+    to: Ipv4Addr,
+    payload: &[u8],
+) -> Vec<u8> {
+    let mut f = Vec::new();
+    f.extend_from_slice(&dst_mac);
+    f.extend_from_slice(&src_mac);
+    f.extend_from_slice(&[0x08, 0x00]);
+    let total = (20 + 20 + payload.len()) as u16;
+    let mut iph = vec![0x45, 0];
+    iph.extend_from_slice(&total.to_be_bytes());
+    iph.extend_from_slice(&[0, 1, 0x40, 0, 64, 6, 0, 0]);
+    iph.extend_from_slice(&from.octets());
+    iph.extend_from_slice(&to.octets());
+    let c = checksum(&iph);
+    iph[10..12].copy_from_slice(&c.to_be_bytes());
+    f.extend_from_slice(&iph);
+    f.extend_from_slice(&5555u16.to_be_bytes());
+    f.extend_from_slice(&7777u16.to_be_bytes());
+    f.extend_from_slice(&1u32.to_be_bytes()); // sequence
+    f.extend_from_slice(&0u32.to_be_bytes()); // acknowledgement
+    f.extend_from_slice(&[0x50, 0x18, 0xff, 0xff, 0, 0, 0, 0]); // 20 bytes, PSH|ACK
+    f.extend_from_slice(payload);
+    f
+}
+
+/// TCP to port 7777 (bytes 36..38 of an untagged IPv4 frame).
+fn tcp_to_7777(f: &[u8]) -> bool {
+    f.len() >= 54 && f[12..14] == [8, 0] && f[23] == 6 && f[36..38] == 7777u16.to_be_bytes()
+}
+
+/// The 10-byte virtio-net header of a TCPv4 GSO frame: NEEDS_CSUM at the TCP checksum
+/// (offset 34 + 16), 54 header bytes, `mss` bytes per segment.
+fn tso4_header(mss: u16) -> [u8; 10] {
+    let mut h = [0u8; 10];
+    h[0] = 1; // VIRTIO_NET_HDR_F_NEEDS_CSUM
+    h[1] = 1; // VIRTIO_NET_HDR_GSO_TCPV4
+    h[2..4].copy_from_slice(&54u16.to_le_bytes());
+    h[4..6].copy_from_slice(&mss.to_le_bytes());
+    h[6..8].copy_from_slice(&34u16.to_le_bytes());
+    h[8..10].copy_from_slice(&16u16.to_le_bytes());
+    h
+}
+
+/// A packet socket on a tap that sends and receives frames behind a virtio-net header
+/// (`PACKET_VNET_HDR`), so GSO frames pass through it whole: the host side of the tap, as
+/// the host's stack sees it.
+struct VnetPacketSocket(std::os::fd::OwnedFd);
+
+impl VnetPacketSocket {
+    fn open(tap: &str) -> VnetPacketSocket {
+        use std::os::fd::{AsRawFd, FromRawFd};
+        const PACKET_VNET_HDR: libc::c_int = 15;
+        let all = (libc::ETH_P_ALL as u16).to_be();
+        // SAFETY: socket takes no pointers; the descriptor is owned below.
+        let raw = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, libc::c_int::from(all)) };
+        assert!(
+            raw >= 0,
+            "packet socket: {}",
+            std::io::Error::last_os_error()
+        );
+        // SAFETY: `raw` was just created and nothing else owns it.
+        let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(raw) };
+        let one: libc::c_int = 1;
+        // SAFETY: setsockopt reads an int through a pointer that lives across the call.
+        let rc = unsafe {
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_PACKET,
+                PACKET_VNET_HDR,
+                std::ptr::addr_of!(one).cast(),
+                4,
+            )
+        };
+        assert_eq!(
+            rc,
+            0,
+            "PACKET_VNET_HDR: {}",
+            std::io::Error::last_os_error()
+        );
+        let tv = libc::timeval {
+            tv_sec: 0,
+            tv_usec: 200_000,
+        };
+        // SAFETY: setsockopt reads a timeval through a pointer that lives across the call.
+        let rc = unsafe {
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                std::ptr::addr_of!(tv).cast(),
+                std::mem::size_of::<libc::timeval>() as u32,
+            )
+        };
+        assert_eq!(rc, 0);
+        let name = std::ffi::CString::new(tap).unwrap();
+        // SAFETY: if_nametoindex reads a NUL-terminated string that lives across the call.
+        let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+        assert_ne!(index, 0, "no interface {tap}");
+        // SAFETY: sockaddr_ll is plain data; the fields that matter are set below.
+        let mut sa: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        sa.sll_family = libc::AF_PACKET as u16;
+        sa.sll_protocol = all;
+        sa.sll_ifindex = index as i32;
+        // SAFETY: bind reads a sockaddr_ll of the given size that lives across the call.
+        let rc = unsafe {
+            libc::bind(
+                fd.as_raw_fd(),
+                std::ptr::addr_of!(sa).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            )
+        };
+        assert_eq!(rc, 0, "bind to {tap}: {}", std::io::Error::last_os_error());
+        VnetPacketSocket(fd)
+    }
+
+    /// Hands `hdr` + `frame` to the tap, as the host's stack would send it to the guest.
+    fn send(&self, hdr: [u8; 10], frame: &[u8]) {
+        use std::os::fd::AsRawFd;
+        let mut pkt = hdr.to_vec();
+        pkt.extend_from_slice(frame);
+        // SAFETY: send reads `pkt`, which lives across the call.
+        let n = unsafe { libc::send(self.0.as_raw_fd(), pkt.as_ptr().cast(), pkt.len(), 0) };
+        assert_eq!(
+            n,
+            pkt.len() as isize,
+            "packet send: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+
+    /// Waits up to 5 s for a frame that `want` accepts; returns (header, frame).
+    fn receive(&self, want: impl Fn(&[u8]) -> bool) -> ([u8; 10], Vec<u8>) {
+        use std::os::fd::AsRawFd;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut buf = vec![0u8; 70_000];
+        while Instant::now() < deadline {
+            // SAFETY: recv writes at most buf.len() bytes into `buf`, which lives across it.
+            let n =
+                unsafe { libc::recv(self.0.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+            if n < 10 {
+                continue;
+            }
+            let pkt = &buf[..n as usize];
+            if want(&pkt[10..]) {
+                let mut hdr = [0u8; 10];
+                hdr.copy_from_slice(&pkt[..10]);
+                return (hdr, pkt[10..].to_vec());
+            }
+        }
+        panic!("no matching frame reached the host side of the tap");
+    }
+}
+
+/// A byte pattern that shows any shifted, lost or repeated byte.
+fn pattern(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i * 7 % 251) as u8).collect()
+}
+
+/// Linux's default receive setup: mergeable buffers and TSO. A 9054-byte TCP frame the
+/// host hands the tap as one GSO frame must reach the guest whole, spread over as many
+/// 2 KiB buffers as it needs, with num_buffers saying how many and the GSO fields intact.
+#[test]
+fn a_tso_frame_from_the_host_spans_mergeable_buffers_with_its_gso_header() {
+    let mut r = rig(11, u64::MAX);
+    let tap = r.neighbour_guest();
+    let host = VnetPacketSocket::open(&tap);
+    let frame = tcp_frame(MAC, host_mac(&tap), r.host_ip, r.guest_ip, &pattern(9000));
+    host.send(tso4_header(1448), &frame);
+
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let (hdr, data, buffers) = loop {
+        assert!(Instant::now() < deadline, "the TSO frame did not arrive");
+        let Some((id, len)) = r.rx.next_used() else {
+            std::thread::sleep(Duration::from_millis(1));
+            continue;
+        };
+        let mut first = vec![0u8; len as usize];
+        r.rx.mem().read_slice(&mut first, r.rx_bufs[&id]).unwrap();
+        let num = u16::from_le_bytes([first[10], first[11]]);
+        assert!(num >= 1, "num_buffers 0");
+        let mut data = first[12..].to_vec();
+        for _ in 1..num {
+            let (id, len) = loop {
+                if let Some(u) = r.rx.next_used() {
+                    break u;
+                }
+                assert!(Instant::now() < deadline, "the frame's later buffers");
+                std::thread::sleep(Duration::from_millis(1));
+            };
+            let mut more = vec![0u8; len as usize];
+            r.rx.mem().read_slice(&mut more, r.rx_bufs[&id]).unwrap();
+            data.extend_from_slice(&more);
+        }
+        for _ in 0..num {
+            r.post_rx();
+        }
+        r.rx.kick();
+        if tcp_to_7777(&data) {
+            let mut hdr = [0u8; 12];
+            hdr.copy_from_slice(&first[..12]);
+            break (hdr, data, num);
+        }
+    };
+    assert_eq!(hdr[1], 1, "gso_type TCPV4, not segmented on the way");
+    assert_eq!(u16::from_le_bytes([hdr[4], hdr[5]]), 1448, "gso_size");
+    assert_eq!(hdr[0] & 1, 1, "NEEDS_CSUM");
+    assert_eq!(u16::from_le_bytes([hdr[6], hdr[7]]), 34, "csum_start");
+    assert_eq!(u16::from_le_bytes([hdr[8], hdr[9]]), 16, "csum_offset");
+    assert_eq!(data.len(), frame.len());
+    assert!(data == frame, "the frame arrived changed");
+    let want = (12 + frame.len()).div_ceil(BUF as usize);
+    assert_eq!(usize::from(buffers), want, "num_buffers");
+    assert!(r.irq.reset_reasons().is_empty());
+}
+
+/// The other way: a TCP GSO frame the guest sends with HOST_TSO4 reaches the host side of
+/// the tap as one frame with its GSO fields, for the host to segment (or not) as it likes.
+#[test]
+fn a_tso_frame_from_the_guest_reaches_the_host_as_one_gso_frame() {
+    let mut r = rig(12, u64::MAX);
+    let tap = r.dev.tap_name().to_owned();
+    let host = VnetPacketSocket::open(&tap);
+    let frame = tcp_frame(host_mac(&tap), MAC, r.guest_ip, r.host_ip, &pattern(9000));
+    let mut hdr = [0u8; 12];
+    hdr[..10].copy_from_slice(&tso4_header(1448));
+    r.send(hdr, &frame);
+    let guest_ip = r.guest_ip;
+    let (got_hdr, got) = host.receive(|f| tcp_to_7777(f) && f[26..30] == guest_ip.octets());
+    assert_eq!(got_hdr[1], 1, "gso_type TCPV4");
+    assert_eq!(
+        u16::from_le_bytes([got_hdr[4], got_hdr[5]]),
+        1448,
+        "gso_size"
+    );
+    assert_eq!(got.len(), frame.len());
+    assert!(got == frame, "the frame arrived changed");
+    assert!(r.irq.reset_reasons().is_empty());
+}
