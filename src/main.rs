@@ -95,7 +95,7 @@ struct RunArgs {
     #[arg(long, value_name = "ENTRY", value_parser = parse_entry)]
     entry: Option<BootEntry>,
     /// A virtio-blk disk (repeatable): path=FILE[,readonly=on][,serial=ID][,direct=on]
-    /// [,queues=N][,format=raw|qcow2][,transport=pci|mmio].
+    /// [,queues=N][,format=raw|qcow2][,transport=pci|mmio][,poll_us=N].
     #[arg(long, value_name = "SPEC", value_parser = parse_disk)]
     disk: Vec<DiskConfig>,
     /// A virtio-net interface on a host tap (repeatable): tap=NAME[,mac=MAC][,queues=N]

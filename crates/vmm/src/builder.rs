@@ -343,6 +343,7 @@ fn attach_disks(devices: &mut DeviceManager, cfg: &VmConfig) -> Result<(), VmErr
                 DiskFormat::Raw => ImageFormat::Raw,
                 DiskFormat::Qcow2 => ImageFormat::Qcow2,
             }),
+            poll_us: d.poll_us,
             ..BlockParams::new(&d.path)
         };
         let blk = Block::new(params).map_err(|source| VmError::Disk {

@@ -842,3 +842,20 @@ fn mutated_queues_never_complete_more_than_offered() {
         "ran {ran} reset {reset} served {served}"
     );
 }
+
+#[test]
+fn only_direct_disks_poll_unless_asked() {
+    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let path = dir.path().join("poll.raw");
+    std::fs::write(&path, vec![0u8; 1 << 20]).unwrap();
+    let budget = |direct: bool, poll_us: Option<u32>| {
+        let mut p = BlockParams::new(&path);
+        p.direct = direct;
+        p.poll_us = poll_us;
+        Block::new(p).unwrap().poll
+    };
+    assert_eq!(budget(true, None), Duration::from_micros(50));
+    assert_eq!(budget(false, None), Duration::ZERO);
+    assert_eq!(budget(true, Some(0)), Duration::ZERO);
+    assert_eq!(budget(false, Some(20)), Duration::from_micros(20));
+}

@@ -4,9 +4,10 @@
 //! round: collect finished disk requests into the used ring, take every available chain the
 //! engine has room for (with driver notifications suppressed while doing so), starting them a
 //! few at a time as they are built, collect what finished inline (page-cache hits), then
-//! signal the driver once if it wants to be told. After a round that did work, the thread keeps polling
-//! the available ring and the engine for a short while (`poll_us`) with notifications still
-//! suppressed, so a driver that keeps the queue busy never has to exit to notify.
+//! signal the driver once if it wants to be told. After a round that did work and left
+//! requests at the disk, the thread keeps polling the available ring and the engine until
+//! `poll_us` passes without work, with notifications still suppressed: a driver that keeps
+//! the disk busy never has to exit to notify, and completions are caught without a wake-up.
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -161,16 +162,20 @@ impl QueueWorker {
         moved
     }
 
-    /// Polls the rings for up to the poll budget after the last sign of work.
+    /// After a round that left requests at the disk, polls the rings instead of sleeping,
+    /// until the poll budget passes without work: a completion due within microseconds is
+    /// caught without a wake-up, and the driver's next request without a notification.
+    /// After a round that finished everything at once (page-cache hits) the thread sleeps
+    /// as before: nothing it could catch is due, and spinning would only take CPU time.
     fn busy_poll(&mut self) {
-        if self.shared.poll.is_zero() || self.q.broken {
+        if self.shared.poll.is_zero() || self.q.broken || self.q.engine.in_flight() == 0 {
             return;
         }
         self.polling = true;
         let _ = self.q.queue.disable_notification(&self.shared.mem);
         let mut deadline = Instant::now() + self.shared.poll;
         let mut spins = 0u32;
-        loop {
+        while !self.q.broken {
             let work = self.q.engine.in_flight() > 0 || has_avail(&self.q.queue, &self.shared.mem);
             if work && self.round() {
                 deadline = Instant::now() + self.shared.poll;
