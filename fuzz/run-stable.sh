@@ -8,6 +8,10 @@
 #                     replays (crates/disk/tests/corpus/qcow2)
 #   virtio_blk_queue  the virtio-blk request path (descriptor chains, headers, ring indices);
 #                     seeds: fuzz/seeds/virtio_blk_queue
+#   virtio_net_queues the virtio-net receive, transmit and control queues (chains, headers,
+#                     commands, frame sizes); seeds: fuzz/seeds/virtio_net_queues (the
+#                     committed seed is kiln_virtio::net::fuzzing::example_input(), which a
+#                     unit test checks)
 #
 # Crashes, hangs and runaway memory land in fuzz/artifacts/. Reproduce one by running the
 # target's binary on the file (or, for qcow2, `cargo run --example replay -p kiln-disk --
@@ -21,9 +25,9 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 target=qcow2_open
 case ${1:-} in
-  qcow2_open|virtio_blk_queue) target=$1; shift ;;
+  qcow2_open|virtio_blk_queue|virtio_net_queues) target=$1; shift ;;
   ''|[0-9]*) ;;
-  *) echo "unknown fuzz target ${1}: expected qcow2_open or virtio_blk_queue" >&2; exit 2 ;;
+  *) echo "unknown fuzz target ${1}: expected qcow2_open, virtio_blk_queue or virtio_net_queues" >&2; exit 2 ;;
 esac
 secs=${1:-300}
 shift || true

@@ -9,13 +9,14 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use kiln_devices::virtio::{GuestMemory, InterruptKind, VirtioInterrupt};
-use virtio_queue::{Queue, QueueT};
+use kiln_devices::virtio::GuestMemory;
+use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::worker::{self, BlockQueue, Shared, MAX_ZERO_SEGMENTS};
 use super::Block;
+use crate::common::fuzzing::{packed_layout, queue, Recorder};
 use crate::common::worker::StopSignal;
 use kiln_disk::aio::AsyncIo;
 
@@ -35,22 +36,6 @@ pub struct Outcome {
     pub completed: u64,
     /// The device asked for a reset.
     pub needs_reset: bool,
-}
-
-/// Records whether the device asked for a reset; interrupts go nowhere.
-#[derive(Default)]
-struct Recorder {
-    reset: std::sync::atomic::AtomicBool,
-}
-
-impl VirtioInterrupt for Recorder {
-    fn trigger(&self, _kind: InterruptKind) -> std::io::Result<()> {
-        Ok(())
-    }
-
-    fn needs_reset(&self, _reason: &str) {
-        self.reset.store(true, Ordering::Relaxed);
-    }
 }
 
 /// A virtio-blk device and the disk engine its passes share (an idle engine between passes:
@@ -88,13 +73,11 @@ impl Fuzzer {
         };
         let size = 1u16 << (header[0] % 9);
         let event_idx = header[1] & 1 != 0;
-        let n = u64::from(size);
         let (desc, avail, used) = if header[1] & 2 != 0 {
             let at = |i: usize| u64::from(u16::from_le_bytes([header[i], header[i + 1]])) * 16;
             (at(2), at(4), at(6))
         } else {
-            let avail = 16 * n;
-            (0, avail, (avail + 6 + 2 * n).div_ceil(4) * 4)
+            packed_layout(0, size)
         };
         let Ok(mem) = GuestMemory::from_ranges(&[(GuestAddress(0), MEMORY_LEN)]) else {
             return out;
@@ -142,27 +125,8 @@ impl Fuzzer {
         let q = worker::run(q, shared, &stop);
         out.ran = true;
         out.completed = self.dev.stats.requests.load(Ordering::Relaxed) - before;
-        out.needs_reset = q.broken || recorder.reset.load(Ordering::Relaxed);
+        out.needs_reset = q.broken || recorder.reset_requested();
         self.engine = Some(q.engine);
         out
     }
-}
-
-/// The queue a transport would hand over for this layout, or `None` where it would refuse.
-fn queue(
-    size: u16,
-    desc: u64,
-    avail: u64,
-    used: u64,
-    event_idx: bool,
-    mem: &GuestMemory,
-) -> Option<Queue> {
-    let mut q = Queue::new(size).ok()?;
-    q.try_set_size(size).ok()?;
-    q.try_set_desc_table_address(GuestAddress(desc)).ok()?;
-    q.try_set_avail_ring_address(GuestAddress(avail)).ok()?;
-    q.try_set_used_ring_address(GuestAddress(used)).ok()?;
-    q.set_event_idx(event_idx);
-    q.set_ready(true);
-    q.is_valid(mem).then_some(q)
 }

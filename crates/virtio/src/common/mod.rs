@@ -2,6 +2,7 @@
 //! suppression, and the worker-thread lifecycle.
 
 pub(crate) mod chain;
+pub(crate) mod fuzzing;
 pub(crate) mod worker;
 
 use std::sync::atomic::Ordering;

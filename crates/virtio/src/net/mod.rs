@@ -7,6 +7,7 @@
 
 mod batch;
 mod config;
+pub mod fuzzing;
 mod persist;
 pub mod tap;
 mod worker;

@@ -149,9 +149,8 @@ impl Tap {
         Ok(tap)
     }
 
-    /// Any file standing in for a tap queue (tests drive the worker through a socket that
-    /// they can fill up, which a tap never is).
-    #[cfg(test)]
+    /// Any file standing in for a tap queue (tests and the fuzzing entry drive the worker
+    /// through a socket that they fill and drain themselves).
     pub(crate) fn from_file(file: File, name: &str) -> Tap {
         Tap::with_file(file, name)
     }
