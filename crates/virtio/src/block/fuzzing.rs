@@ -30,8 +30,11 @@ pub const MEMORY_LEN: usize = 64 << 10;
 pub struct Outcome {
     /// The queue layout was accepted (as a transport would accept it).
     pub ran: bool,
-    /// Chains the driver made available (the available ring's index).
+    /// The available ring's index when the pass started. Not a bound on what the device
+    /// may take: request data may overlap the ring and make more chains available.
     pub offered: u16,
+    /// Chains the device took from the available ring.
+    pub taken: u16,
     /// Requests the device completed into the used ring.
     pub completed: u64,
     /// The device asked for a reset.
@@ -65,6 +68,7 @@ impl Fuzzer {
         let mut out = Outcome {
             ran: false,
             offered: 0,
+            taken: 0,
             completed: 0,
             needs_reset: false,
         };
@@ -125,6 +129,7 @@ impl Fuzzer {
         let q = worker::run(q, shared, &stop);
         out.ran = true;
         out.completed = self.dev.stats.requests.load(Ordering::Relaxed) - before;
+        out.taken = q.queue.next_avail();
         out.needs_reset = q.broken || recorder.reset_requested();
         self.engine = Some(q.engine);
         out

@@ -36,9 +36,13 @@ const MAX_FRAMES: usize = 8;
 pub struct Outcome {
     /// The queue layout was accepted (as a transport would accept it).
     pub ran: bool,
-    /// Chains the driver made available on each queue (receive, transmit, control).
+    /// Each queue's available index when the pass started (receive, transmit, control).
+    /// Not a bound on what the device may take: guest buffers may overlap the rings, so
+    /// what the device writes can make more chains available during the pass.
     pub offered: [u16; 3],
-    /// Chains the device put in each used ring.
+    /// Chains the device took from each available ring.
+    pub taken: [u16; 3],
+    /// Chains the device put in each used ring: never more than it took.
     pub used: [u16; 3],
     /// Frames that reached the host end of the tap.
     pub sent: u64,
@@ -63,6 +67,7 @@ pub fn pass(input: &[u8]) -> Outcome {
     let mut out = Outcome {
         ran: false,
         offered: [0; 3],
+        taken: [0; 3],
         used: [0; 3],
         sent: 0,
         needs_reset: false,
@@ -146,6 +151,7 @@ pub fn pass(input: &[u8]) -> Outcome {
     let p = worker::run(pair, shared, &stop);
     out.ran = true;
     for (i, q) in [&p.rx, &p.tx, &p.ctrl].into_iter().enumerate() {
+        out.taken[i] = q.as_ref().map_or(0, |q| q.queue.next_avail());
         out.used[i] = q.as_ref().map_or(0, |q| q.queue.next_used());
     }
     out.needs_reset = p.broken || recorder.reset_requested();
