@@ -20,6 +20,17 @@ pub(crate) fn guest_memory(size: usize) -> GuestMemory {
     GuestMemory::from_ranges(&[(GuestAddress(0), size)]).unwrap()
 }
 
+/// A fixed pseudo-random sequence (xorshift64) for tests that mutate inputs.
+pub(crate) fn xorshift() -> impl FnMut() -> u64 {
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    }
+}
+
 /// A split queue seen from the driver. The rings sit at `base`; buffers are handed out from
 /// `base + 64 KiB` upwards.
 pub(crate) struct TestDriver {

@@ -9,14 +9,12 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use kiln_devices::virtio::GuestMemory;
 use virtio_queue::QueueT;
-use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::worker::{self, BlockQueue, Shared, MAX_ZERO_SEGMENTS};
 use super::Block;
-use crate::common::fuzzing::{packed_layout, queue, Recorder};
+use crate::common::fuzzing::{guest_image, packed_layout, queue, Recorder};
 use crate::common::worker::StopSignal;
 use kiln_disk::aio::AsyncIo;
 
@@ -83,14 +81,9 @@ impl Fuzzer {
         } else {
             packed_layout(0, size)
         };
-        let Ok(mem) = GuestMemory::from_ranges(&[(GuestAddress(0), MEMORY_LEN)]) else {
+        let Some(mem) = guest_image(&input[HEADER_LEN..], MEMORY_LEN) else {
             return out;
         };
-        let image = &input[HEADER_LEN..];
-        let image = &image[..image.len().min(MEMORY_LEN)];
-        if mem.write_slice(image, GuestAddress(0)).is_err() {
-            return out;
-        }
         let Some(queue) = queue(size, desc, avail, used, event_idx, &mem) else {
             return out;
         };

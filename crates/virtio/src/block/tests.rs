@@ -807,13 +807,7 @@ fn mutated_queues_never_complete_more_than_taken() {
     let (_dir, path) = image(MIB);
     let mut dev = fuzzing::Fuzzer::new(Block::new(BlockParams::new(&path)).unwrap());
     let seed = fuzz_seed();
-    let mut x = 0x9e37_79b9_7f4a_7c15u64;
-    let mut next = move || {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        x
-    };
+    let mut next = crate::testing::xorshift();
     let (mut ran, mut reset, mut served) = (0, 0, 0);
     for _ in 0..1500 {
         let mut input = seed.clone();

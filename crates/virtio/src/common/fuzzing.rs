@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use kiln_devices::virtio::{GuestMemory, InterruptKind, VirtioInterrupt};
 use virtio_queue::{Queue, QueueT};
-use vm_memory::GuestAddress;
+use vm_memory::{Bytes, GuestAddress};
 
 /// Records whether the device asked for a reset; interrupts go nowhere.
 #[derive(Default)]
@@ -55,4 +55,12 @@ pub(crate) fn packed_layout(base: u64, size: u16) -> (u64, u64, u64) {
     let n = u64::from(size);
     let avail = base + 16 * n;
     (base, avail, (avail + 6 + 2 * n).div_ceil(4) * 4)
+}
+
+/// Guest memory of `len` bytes at address 0 holding `image` (cut to fit; zero past it).
+pub(crate) fn guest_image(image: &[u8], len: usize) -> Option<GuestMemory> {
+    let mem = GuestMemory::from_ranges(&[(GuestAddress(0), len)]).ok()?;
+    mem.write_slice(&image[..image.len().min(len)], GuestAddress(0))
+        .ok()?;
+    Some(mem)
 }

@@ -12,14 +12,12 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::AtomicU16;
 use std::sync::Arc;
 
-use kiln_devices::virtio::GuestMemory;
 use virtio_queue::QueueT;
-use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::tap::{Tap, VNET_HDR_LEN};
 use super::worker::{self, NetPair, NetQueue, NetStats, Shared};
-use crate::common::fuzzing::{packed_layout, queue, Recorder};
+use crate::common::fuzzing::{guest_image, packed_layout, queue, Recorder};
 use crate::common::worker::StopSignal;
 
 /// Bytes of input before the guest memory image.
@@ -77,14 +75,10 @@ pub fn pass(input: &[u8]) -> Outcome {
     };
     let size = 1u16 << (header[0] % 9);
     let event_idx = header[1] & 1 != 0;
-    let Ok(mem) = GuestMemory::from_ranges(&[(GuestAddress(0), MEMORY_LEN)]) else {
+    let image = &input[HEADER_LEN..];
+    let Some(mem) = guest_image(image, MEMORY_LEN) else {
         return out;
     };
-    let image = &input[HEADER_LEN..];
-    let image = &image[..image.len().min(MEMORY_LEN)];
-    if mem.write_slice(image, GuestAddress(0)).is_err() {
-        return out;
-    }
     let mut queues = Vec::new();
     for (i, base) in QUEUE_BASES.into_iter().enumerate() {
         let (desc, avail, used) = packed_layout(base, size);
@@ -159,8 +153,8 @@ pub fn pass(input: &[u8]) -> Outcome {
     out
 }
 
-/// A datagram socket pair: the device's end as a file, and the host end.
-fn socket_pair() -> Option<(std::fs::File, OwnedFd)> {
+/// A nonblocking datagram socket pair: the device's end as a file, and the host end.
+pub(crate) fn socket_pair() -> Option<(std::fs::File, OwnedFd)> {
     let mut fds = [0; 2];
     // SAFETY: socketpair writes two descriptors into the array, which lives across the call.
     let rc = unsafe {

@@ -574,34 +574,18 @@ struct SocketRig {
 }
 
 fn socket_rig(name: &str) -> SocketRig {
-    use std::os::fd::FromRawFd;
+    use std::os::fd::AsRawFd;
     use std::sync::atomic::AtomicU16;
 
     use crate::common::worker::{StopSignal, Worker};
 
-    let mut fds = [0; 2];
-    // SAFETY: socketpair writes two descriptors into the array, which lives across the call.
-    let rc = unsafe {
-        libc::socketpair(
-            libc::AF_UNIX,
-            libc::SOCK_DGRAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-            0,
-            fds.as_mut_ptr(),
-        )
-    };
-    assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
-    // SAFETY: both descriptors were just created and are owned by these files alone.
-    let (device_end, host_end) = unsafe {
-        (
-            std::fs::File::from_raw_fd(fds[0]),
-            std::os::unix::net::UnixDatagram::from_raw_fd(fds[1]),
-        )
-    };
+    let (device_end, host_end) = fuzzing::socket_pair().expect("socketpair");
+    let host_end = std::os::unix::net::UnixDatagram::from(host_end);
     let sndbuf: libc::c_int = 4096;
     // SAFETY: setsockopt reads an int through a pointer that lives across the call.
     let rc = unsafe {
         libc::setsockopt(
-            fds[0],
+            device_end.as_raw_fd(),
             libc::SOL_SOCKET,
             libc::SO_SNDBUF,
             std::ptr::addr_of!(sndbuf).cast(),
@@ -1320,13 +1304,7 @@ fn fuzzing_passes_never_use_more_chains_than_taken() {
         "the committed seed is fuzzing::example_input()"
     );
 
-    let mut x = 0x9e37_79b9_7f4a_7c15u64;
-    let mut next = move || {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        x
-    };
+    let mut next = crate::testing::xorshift();
     let (mut ran, mut reset, mut served) = (0, 0, 0);
     for _ in 0..1500 {
         let mut input = seed.clone();
