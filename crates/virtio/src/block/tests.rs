@@ -813,7 +813,7 @@ fn mutated_queues_never_complete_more_than_taken() {
         let mut input = seed.clone();
         for _ in 0..1 + next() % 8 {
             // Mostly the header, descriptors and available ring; sometimes anywhere.
-            let span = if next() % 4 == 0 {
+            let span = if next().is_multiple_of(4) {
                 input.len()
             } else {
                 8 + 300
