@@ -197,16 +197,18 @@ impl ConsoleWorker {
         let Some(mut tq) = self.q.tx.take() else {
             return;
         };
-        let mem = self.shared.mem.clone();
+        // Cloning the Arc, not the GuestMemory (whose clone allocates a region list).
+        let shared = Arc::clone(&self.shared);
+        let mem = &shared.mem;
         let mut used = false;
         'outer: loop {
-            let _ = tq.queue.disable_notification(&mem);
+            let _ = tq.queue.disable_notification(mem);
             loop {
                 if !self.shared.backend().can_take_output() {
                     // The client is not reading: continue when it does.
                     break 'outer;
                 }
-                let c = match chain::pop(&mut tq.queue, &mem, tq.index) {
+                let c = match chain::pop(&mut tq.queue, mem, tq.index) {
                     Ok(Some(c)) => c,
                     Ok(None) => break,
                     Err(e) => {
@@ -228,13 +230,13 @@ impl ConsoleWorker {
                     break 'outer;
                 }
                 self.output(head);
-                if let Err(e) = tq.queue.add_used(&mem, head, 0) {
+                if let Err(e) = tq.queue.add_used(mem, head, 0) {
                     self.fail(&format!("virtio-console: used ring: {e}"));
                     break 'outer;
                 }
                 used = true;
             }
-            match tq.queue.enable_notification(&mem) {
+            match tq.queue.enable_notification(mem) {
                 Ok(true) => continue,
                 Ok(false) => break,
                 Err(e) => {
@@ -244,7 +246,7 @@ impl ConsoleWorker {
             }
         }
         if used {
-            signal_used(&mut tq.queue, &mem, &self.shared.interrupt, tq.index);
+            signal_used(&mut tq.queue, mem, &self.shared.interrupt, tq.index);
         }
         self.q.tx = Some(tq);
     }
@@ -287,13 +289,15 @@ impl ConsoleWorker {
         let Some(mut rq) = self.q.rx.take() else {
             return;
         };
-        let mem = self.shared.mem.clone();
+        // Cloning the Arc, not the GuestMemory (whose clone allocates a region list).
+        let shared = Arc::clone(&self.shared);
+        let mem = &shared.mem;
         let mut used = false;
         loop {
-            let _ = rq.queue.disable_notification(&mem);
-            let c = match chain::pop(&mut rq.queue, &mem, rq.index) {
+            let _ = rq.queue.disable_notification(mem);
+            let c = match chain::pop(&mut rq.queue, mem, rq.index) {
                 Ok(Some(c)) => c,
-                Ok(None) => match rq.queue.enable_notification(&mem) {
+                Ok(None) => match rq.queue.enable_notification(mem) {
                     Ok(true) => continue,
                     Ok(false) => {
                         // Out of buffers: stop watching the input until the driver adds some.
@@ -332,20 +336,20 @@ impl ConsoleWorker {
                     .set_next_avail(rq.queue.next_avail().wrapping_sub(1));
                 break;
             };
-            let n = if write_stream(&mem, &self.descs, &self.buf[..n]).is_ok() {
+            let n = if write_stream(mem, &self.descs, &self.buf[..n]).is_ok() {
                 n
             } else {
                 warn_ratelimited!("virtio-console: receive chain {head} is outside RAM");
                 0
             };
-            if let Err(e) = rq.queue.add_used(&mem, head, u32::try_from(n).unwrap_or(0)) {
+            if let Err(e) = rq.queue.add_used(mem, head, u32::try_from(n).unwrap_or(0)) {
                 self.fail(&format!("virtio-console: used ring: {e}"));
                 break;
             }
             used = true;
         }
         if used {
-            signal_used(&mut rq.queue, &mem, &self.shared.interrupt, rq.index);
+            signal_used(&mut rq.queue, mem, &self.shared.interrupt, rq.index);
         }
         self.q.rx = Some(rq);
     }

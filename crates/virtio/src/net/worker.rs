@@ -341,12 +341,14 @@ impl PairWorker {
     /// whether the tap ran dry or the queue broke); otherwise (out of buffers, a chain that
     /// cannot hold a whole frame on its own, no ring) the one-at-a-time path goes on.
     fn rx_batches(&mut self, rxq: &mut NetQueue, need: usize) -> (bool, bool) {
-        let mem = self.shared.mem.clone();
+        // Cloning the Arc, not the GuestMemory (whose clone allocates a region list).
+        let shared = Arc::clone(&self.shared);
+        let mem = &shared.mem;
         let mut delivered = false;
         loop {
             let n = match chain::pop_batch(
                 &mut rxq.queue,
-                &mem,
+                mem,
                 rxq.index,
                 self.rx_batch,
                 MAX_DESCS,
@@ -387,7 +389,7 @@ impl PairWorker {
                 let v = ring.frame(i);
                 for d in &self.rx_descs[t.descs.clone()] {
                     let len = usize::try_from(d.len).unwrap_or(usize::MAX);
-                    fits &= push_iovecs(&mem, d.addr, len, v).is_ok();
+                    fits &= push_iovecs(mem, d.addr, len, v).is_ok();
                     capacity[i] = capacity[i].saturating_add(len);
                 }
                 fits &= capacity[i] >= need && v.len() <= MAX_IOVECS;
@@ -454,7 +456,7 @@ impl PairWorker {
                         let head = self.rx_taken[used].head;
                         if let Err(e) =
                             rxq.queue
-                                .add_used(&mem, head, u32::try_from(len).unwrap_or(u32::MAX))
+                                .add_used(mem, head, u32::try_from(len).unwrap_or(u32::MAX))
                         {
                             self.fail(&format!("virtio-net rx: used ring: {e}"));
                             return (delivered, true);
@@ -503,7 +505,9 @@ impl PairWorker {
 
     /// Takes receive chains until `need` bytes fit (one chain without MRG_RXBUF).
     fn fill_pool(&mut self, rxq: &mut NetQueue, need: usize) -> Result<(), String> {
-        let mem = self.shared.mem.clone();
+        // Cloning the Arc, not the GuestMemory (whose clone allocates a region list).
+        let shared = Arc::clone(&self.shared);
+        let mem = &shared.mem;
         loop {
             let enough = if self.shared.mrg_rxbuf {
                 self.pool_capacity >= need
@@ -513,7 +517,7 @@ impl PairWorker {
             if enough || self.iovecs.len() >= MAX_IOVECS {
                 return Ok(());
             }
-            let Some(c) = chain::pop(&mut rxq.queue, &mem, rxq.index)
+            let Some(c) = chain::pop(&mut rxq.queue, mem, rxq.index)
                 .map_err(|e| format!("virtio-net: {e}"))?
             else {
                 return Ok(());
@@ -531,7 +535,7 @@ impl PairWorker {
             let mut ok = true;
             for d in &self.descs {
                 let len = usize::try_from(d.len).unwrap_or(usize::MAX);
-                if push_iovecs(&mem, d.addr, len, &mut self.iovecs).is_err() {
+                if push_iovecs(mem, d.addr, len, &mut self.iovecs).is_err() {
                     ok = false;
                     break;
                 }
@@ -546,7 +550,7 @@ impl PairWorker {
                     rxq.index
                 );
                 rxq.queue
-                    .add_used(&mem, head, 0)
+                    .add_used(mem, head, 0)
                     .map_err(|e| format!("virtio-net rx: used ring: {e}"))?;
                 continue;
             }
@@ -602,17 +606,19 @@ impl PairWorker {
         let Some(mut txq) = self.p.tx.take() else {
             return;
         };
-        let mem = self.shared.mem.clone();
+        // Cloning the Arc, not the GuestMemory (whose clone allocates a region list).
+        let shared = Arc::clone(&self.shared);
+        let mem = &shared.mem;
         let mut sent = false;
         'outer: loop {
-            if !self.retry_tx(&mut txq, &mem, &mut sent) {
+            if !self.retry_tx(&mut txq, mem, &mut sent) {
                 break;
             }
-            let _ = txq.queue.disable_notification(&mem);
+            let _ = txq.queue.disable_notification(mem);
             loop {
                 let n = match chain::pop_batch(
                     &mut txq.queue,
-                    &mem,
+                    mem,
                     txq.index,
                     TX_BATCH,
                     MAX_DESCS,
@@ -638,15 +644,15 @@ impl PairWorker {
                     break 'outer;
                 }
                 let more = if self.txring.is_some() {
-                    self.send_batch(&mut txq, &mem, n, &mut sent)
+                    self.send_batch(&mut txq, mem, n, &mut sent)
                 } else {
-                    self.send_each(&mut txq, &mem, n, &mut sent)
+                    self.send_each(&mut txq, mem, n, &mut sent)
                 };
                 if !more {
                     break 'outer;
                 }
             }
-            match txq.queue.enable_notification(&mem) {
+            match txq.queue.enable_notification(mem) {
                 Ok(true) => continue,
                 Ok(false) => break,
                 Err(e) => {
@@ -656,7 +662,7 @@ impl PairWorker {
             }
         }
         if sent {
-            signal_used(&mut txq.queue, &mem, &self.shared.interrupt, txq.index);
+            signal_used(&mut txq.queue, mem, &self.shared.interrupt, txq.index);
         }
         self.p.tx = Some(txq);
     }
@@ -858,16 +864,18 @@ impl PairWorker {
         let Some(mut txq) = self.p.tx.take() else {
             return;
         };
-        let mem = self.shared.mem.clone();
+        // Cloning the Arc, not the GuestMemory (whose clone allocates a region list).
+        let shared = Arc::clone(&self.shared);
+        let mem = &shared.mem;
         let mut sent = false;
         while let Some((head, _)) = self.tx_retry.pop_front() {
             self.shared.stats.dropped.fetch_add(1, Ordering::Relaxed);
-            if !self.tx_used(&mut txq, &mem, head, &mut sent) {
+            if !self.tx_used(&mut txq, mem, head, &mut sent) {
                 break;
             }
         }
         if sent {
-            signal_used(&mut txq.queue, &mem, &self.shared.interrupt, txq.index);
+            signal_used(&mut txq.queue, mem, &self.shared.interrupt, txq.index);
         }
         self.p.tx = Some(txq);
     }
@@ -904,10 +912,12 @@ impl PairWorker {
         let Some(mut cq) = self.p.ctrl.take() else {
             return;
         };
-        let mem = self.shared.mem.clone();
+        // Cloning the Arc, not the GuestMemory (whose clone allocates a region list).
+        let shared = Arc::clone(&self.shared);
+        let mem = &shared.mem;
         let mut answered = false;
         loop {
-            let c = match chain::pop(&mut cq.queue, &mem, cq.index) {
+            let c = match chain::pop(&mut cq.queue, mem, cq.index) {
                 Ok(Some(c)) => c,
                 Ok(None) => break,
                 Err(e) => {
@@ -930,14 +940,14 @@ impl PairWorker {
             };
             let status = self.command();
             let _ = mem.write_obj(status, ack);
-            if let Err(e) = cq.queue.add_used(&mem, head, 1) {
+            if let Err(e) = cq.queue.add_used(mem, head, 1) {
                 self.fail(&format!("virtio-net control queue: used ring: {e}"));
                 break;
             }
             answered = true;
         }
         if answered {
-            signal_used(&mut cq.queue, &mem, &self.shared.interrupt, cq.index);
+            signal_used(&mut cq.queue, mem, &self.shared.interrupt, cq.index);
         }
         self.p.ctrl = Some(cq);
     }
