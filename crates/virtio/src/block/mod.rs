@@ -45,10 +45,11 @@ const NAME: &str = "virtio-blk";
 pub const MAX_QUEUES: u16 = 16;
 /// Default entries per queue.
 pub const DEFAULT_QUEUE_SIZE: u16 = 256;
-/// Default busy-poll budget of an O_DIRECT disk, in microseconds. Disks in the page cache
+/// Default busy-poll budget of an O_DIRECT disk, in microseconds: the most each queue's
+/// window may grow to (it adapts, see the worker's `PollWindow`). Disks in the page cache
 /// do not poll unless asked: their requests finish at once or on kernel worker threads,
 /// which need the CPU time a polling thread would take.
-pub const DEFAULT_POLL_US: u32 = 50;
+pub const DEFAULT_POLL_US: u32 = 200;
 /// Largest segment the driver may use (SIZE_MAX).
 const SIZE_MAX: u32 = 1 << 20;
 /// Largest discard or write-zeroes segment, in sectors.
@@ -73,8 +74,9 @@ pub struct BlockParams {
     pub engine: EngineKind,
     /// Entries per queue (a power of two, 2 to 32768).
     pub queue_size: u16,
-    /// Busy-poll budget after a round that left requests at the disk, in microseconds
-    /// (0: never poll); `None`: [`DEFAULT_POLL_US`] with `direct`, else 0.
+    /// Most a queue busy-polls after its last work while requests are at the disk, in
+    /// microseconds (0: never poll; the window adapts below it); `None`: [`DEFAULT_POLL_US`]
+    /// with `direct`, else 0.
     pub poll_us: Option<u32>,
 }
 

@@ -849,7 +849,7 @@ fn only_direct_disks_poll_unless_asked() {
         p.poll_us = poll_us;
         Block::new(p).unwrap().poll
     };
-    assert_eq!(budget(true, None), Duration::from_micros(50));
+    assert_eq!(budget(true, None), Duration::from_micros(200));
     assert_eq!(budget(false, None), Duration::ZERO);
     assert_eq!(budget(true, Some(0)), Duration::ZERO);
     assert_eq!(budget(false, Some(20)), Duration::from_micros(20));

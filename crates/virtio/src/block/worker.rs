@@ -5,9 +5,10 @@
 //! engine has room for (with driver notifications suppressed while doing so), starting them a
 //! few at a time as they are built, collect what finished inline (page-cache hits), then
 //! signal the driver once if it wants to be told. After a round that did work and left
-//! requests at the disk, the thread keeps polling the available ring and the engine until
-//! `poll_us` passes without work, with notifications still suppressed: a driver that keeps
+//! requests at the disk, the thread keeps polling the available ring and the engine until a
+//! window passes without work, with notifications still suppressed: a driver that keeps
 //! the disk busy never has to exit to notify, and completions are caught without a wake-up.
+//! The window adapts, up to `poll_us`, to the gaps the queue sees (see [`PollWindow`]).
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -88,11 +89,56 @@ struct QueueWorker {
     used_added: bool,
     /// Keep driver notifications off at the end of a round (busy polling).
     polling: bool,
+    window: PollWindow,
+    /// When the thread last did work before it went to sleep with requests at the disk.
+    idle_since: Option<Instant>,
+}
+
+/// How long a queue's thread busy-polls after its last work: adapted, between 0 and the
+/// disk's `poll_us`, to the gaps between work that the queue actually sees, in the way of
+/// QEMU's adaptive polling.
+/// - Work that came after the thread gave up, but within `max` of its last work, would have
+///   been caught by a longer window: the window doubles (from [`PollWindow::MIN`]).
+/// - A wait longer than `max` could not have been caught at all: the window halves, and
+///   under [`PollWindow::MIN`] polling stops until gaps shorten again.
+///
+/// A disk that keeps requests in flight (gaps of a disk's latency) therefore polls for up to
+/// `max`, while sparse I/O, whose gaps are the guest's think time, stops spinning after a few
+/// waits. Measured on a virtualised host disk (4K at depth 32 through io_uring): completions
+/// often come 100-200 µs apart there, and a fixed 50 µs window slept through them: 5-10 %
+/// fewer IOPS than 200 µs.
+#[derive(Debug, Clone, Copy)]
+struct PollWindow {
+    max: Duration,
+    now: Duration,
+}
+
+impl PollWindow {
+    /// The smallest window that polls.
+    const MIN: Duration = Duration::from_micros(8);
+
+    /// A window that starts at `max` (0: never poll).
+    fn new(max: Duration) -> Self {
+        PollWindow { max, now: max }
+    }
+
+    /// Adapts to a sleep that ended `gap` after the thread's last work.
+    fn waited(&mut self, gap: Duration) {
+        if gap > self.max {
+            self.now /= 2;
+            if self.now < Self::MIN {
+                self.now = Duration::ZERO;
+            }
+        } else if gap > self.now {
+            self.now = (self.now * 2).max(Self::MIN).min(self.max);
+        }
+    }
 }
 
 /// Serves `q` until `stop` is requested, then finishes what is in flight and hands `q` back.
 pub(crate) fn run(q: BlockQueue, shared: Arc<Shared>, stop: &StopSignal) -> BlockQueue {
     let slots = usize::from(q.queue.size().max(1));
+    let window = PollWindow::new(shared.poll);
     let mut w = QueueWorker {
         shared,
         slots: (0..slots).map(|_| None).collect(),
@@ -103,6 +149,8 @@ pub(crate) fn run(q: BlockQueue, shared: Arc<Shared>, stop: &StopSignal) -> Bloc
         iovecs: Vec::with_capacity(16),
         used_added: false,
         polling: false,
+        window,
+        idle_since: None,
         q,
     };
     let disk_fd = w.q.engine.notifier();
@@ -129,6 +177,9 @@ pub(crate) fn run(q: BlockQueue, shared: Arc<Shared>, stop: &StopSignal) -> Bloc
             }
         };
         w.shared.stats.wakeups.fetch_add(1, Ordering::Relaxed);
+        if let Some(t) = w.idle_since.take() {
+            w.window.waited(t.elapsed());
+        }
         let mut stopping = false;
         for (token, _) in events {
             match token {
@@ -163,32 +214,40 @@ impl QueueWorker {
     }
 
     /// After a round that left requests at the disk, polls the rings instead of sleeping,
-    /// until the poll budget passes without work: a completion due within microseconds is
+    /// until the poll window passes without work: a completion due within microseconds is
     /// caught without a wake-up, and the driver's next request without a notification.
     /// After a round that finished everything at once (page-cache hits) the thread sleeps
     /// as before: nothing it could catch is due, and spinning would only take CPU time.
     fn busy_poll(&mut self) {
-        if self.shared.poll.is_zero() || self.q.broken || self.q.engine.in_flight() == 0 {
+        if self.window.max.is_zero() || self.q.broken || self.q.engine.in_flight() == 0 {
             return;
         }
-        self.polling = true;
-        let _ = self.q.queue.disable_notification(&self.shared.mem);
-        let mut deadline = Instant::now() + self.shared.poll;
-        let mut spins = 0u32;
-        while !self.q.broken {
-            let work = self.q.engine.in_flight() > 0 || has_avail(&self.q.queue, &self.shared.mem);
-            if work && self.round() {
-                deadline = Instant::now() + self.shared.poll;
+        let window = self.window.now;
+        let mut last_work = Instant::now();
+        if !window.is_zero() {
+            self.polling = true;
+            let _ = self.q.queue.disable_notification(&self.shared.mem);
+            let mut spins = 0u32;
+            while !self.q.broken {
+                let work =
+                    self.q.engine.in_flight() > 0 || has_avail(&self.q.queue, &self.shared.mem);
+                if work && self.round() {
+                    last_work = Instant::now();
+                }
+                spins = spins.wrapping_add(1);
+                if spins.is_multiple_of(32) && last_work.elapsed() >= window {
+                    break;
+                }
+                std::hint::spin_loop();
             }
-            spins = spins.wrapping_add(1);
-            if spins.is_multiple_of(32) && Instant::now() >= deadline {
-                break;
+            self.polling = false;
+            // Re-enables notifications and catches anything that raced with that.
+            if self.round() {
+                return;
             }
-            std::hint::spin_loop();
         }
-        self.polling = false;
-        // Re-enables notifications and catches anything that raced with that.
-        self.round();
+        // The wake-up will tell how long polling would have had to go on.
+        self.idle_since = Some(last_work);
     }
 
     /// Whether one more chain fits (an inflight slot, and engine room for its largest
@@ -200,11 +259,13 @@ impl QueueWorker {
 
     /// Takes available chains while there is room; returns whether it took any.
     fn serve(&mut self) -> bool {
-        let mem = self.shared.mem.clone();
+        // Cloning the Arc, not the GuestMemory (whose clone allocates a region list).
+        let shared = Arc::clone(&self.shared);
+        let mem = &shared.mem;
         let mut took = false;
         let mut unsubmitted = 0usize;
         loop {
-            if let Err(e) = self.q.queue.disable_notification(&mem) {
+            if let Err(e) = self.q.queue.disable_notification(mem) {
                 self.fail(&format!(
                     "virtio-blk queue {}: used ring: {e}",
                     self.q.index
@@ -212,7 +273,7 @@ impl QueueWorker {
                 return took;
             }
             while self.has_room() {
-                match chain::pop(&mut self.q.queue, &mem, self.q.index) {
+                match chain::pop(&mut self.q.queue, mem, self.q.index) {
                     Ok(Some(c)) => {
                         took = true;
                         if let Err(reason) = self.take(c) {
@@ -247,7 +308,7 @@ impl QueueWorker {
                 // Completions will bring us back; the driver need not notify meanwhile.
                 return took;
             }
-            match self.q.queue.enable_notification(&mem) {
+            match self.q.queue.enable_notification(mem) {
                 Ok(true) => continue,
                 Ok(false) => return took,
                 Err(e) => {
@@ -477,4 +538,45 @@ fn drain_eventfd(fd: RawFd) {
     let mut v = 0u64;
     // SAFETY: reads 8 bytes into a local u64 from a non-blocking eventfd.
     unsafe { libc::read(fd, (&mut v as *mut u64).cast(), 8) };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const US: Duration = Duration::from_micros(1);
+
+    #[test]
+    fn the_poll_window_grows_to_catch_gaps_within_its_maximum() {
+        let mut w = PollWindow::new(200 * US);
+        assert_eq!(w.now, 200 * US);
+        // A long wait halves it, down to nothing.
+        let mut seen = Vec::new();
+        while !w.now.is_zero() {
+            w.waited(5000 * US);
+            seen.push(w.now.as_micros());
+        }
+        assert_eq!(seen, [100, 50, 25, 12, 0]);
+        // Work 150 us after the last: it doubles from the minimum until it covers that gap.
+        let mut seen = Vec::new();
+        for _ in 0..6 {
+            w.waited(150 * US);
+            seen.push(w.now.as_micros());
+        }
+        assert_eq!(seen, [8, 16, 32, 64, 128, 200]);
+        // A gap the window covers changes nothing; one just past it grows it, within max.
+        w.waited(120 * US);
+        assert_eq!(w.now, 200 * US);
+        w.waited(200 * US);
+        assert_eq!(w.now, 200 * US);
+    }
+
+    #[test]
+    fn a_zero_maximum_never_polls() {
+        let mut w = PollWindow::new(Duration::ZERO);
+        for gap in [0, 1, 50, 5000] {
+            w.waited(gap * US);
+            assert!(w.now.is_zero(), "after a {gap} us gap");
+        }
+    }
 }

@@ -60,9 +60,10 @@ pub struct DiskConfig {
     /// Transport.
     #[serde(default)]
     pub transport: Transport,
-    /// How long each I/O thread keeps polling for completions and new requests while the
-    /// disk has requests in flight, in microseconds (0: never poll); when absent, 50 for
-    /// `direct` disks and 0 for disks in the page cache.
+    /// How long each I/O thread may keep polling for completions and new requests after its
+    /// last work while the disk has requests in flight, in microseconds (0: never poll; the
+    /// thread adapts its window below this); when absent, 200 for `direct` disks and 0 for
+    /// disks in the page cache.
     #[serde(default)]
     pub poll_us: Option<u32>,
 }
