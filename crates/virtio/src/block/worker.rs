@@ -102,9 +102,10 @@ struct QueueWorker {
 /// - A wait longer than `max` could not have been caught at all: the window halves, and
 ///   under [`PollWindow::MIN`] polling stops until gaps shorten again.
 ///
-/// A disk that keeps requests in flight (gaps of a disk's latency) therefore polls for up to
-/// `max`, while sparse I/O, whose gaps are the guest's think time, stops spinning after a few
-/// waits. Measured on a virtualised host disk (4K at depth 32 through io_uring): completions
+/// A disk kept busy (gaps of a disk's latency) therefore polls for up to `max`. Sparse I/O
+/// alternates a short wait (the disk's latency, which grows the window) with a long one (the
+/// guest's think time, which halves it): the window settles between one and two latencies,
+/// so each request costs a few latencies of spinning, and an idle disk none. Measured on a virtualised host disk (4K at depth 32 through io_uring): completions
 /// often come 100-200 µs apart there, and a fixed 50 µs window slept through them: 5-10 %
 /// fewer IOPS than 200 µs.
 #[derive(Debug, Clone, Copy)]
