@@ -5,12 +5,19 @@
 //! (BLKDISCARD for discard on a block device, done synchronously). With O_DIRECT, buffers
 //! that are not aligned to what the file needs go through an aligned bounce buffer. Short
 //! transfers are resubmitted for the remainder.
+//!
+//! Buffered writes (no O_DIRECT) to a file system that cannot take them without blocking
+//! (`RWF_NOWAIT` fails with EOPNOTSUPP: ext4) are done here, with `pwritev`, instead: io_uring
+//! would hand every one of them to one of its kernel worker threads, and that hand-off cost
+//! more than the copy into the page cache itself (4K random writes through virtio-blk on
+//! ext4, 2 cores: 1.7 to 1.8 x the IOPS inline). See [`BufferedWrites`].
 
 use std::collections::VecDeque;
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use io_uring::{opcode, types, IoUring};
 use vmm_sys_util::eventfd::EventFd;
@@ -38,6 +45,27 @@ enum Op {
     Discard,
     WriteZeroes { unmap: bool },
 }
+
+/// How buffered writes run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BufferedWrites {
+    /// Not known yet: the first one tries `RWF_NOWAIT` and finds out.
+    Unknown,
+    /// Through the ring: the file system takes non-blocking buffered writes, so io_uring
+    /// does them at submission itself and hands to its workers only those that must wait.
+    Ring,
+    /// Here, at once: the file system cannot take them without blocking, and io_uring
+    /// would hand every one to a worker thread. A write that blocked longer than
+    /// [`SLOW_INLINE_WRITE`] (dirty-page throttling, a journal) sends the next ones to the
+    /// ring for [`INLINE_PAUSE`], so that one slow write does not hold up the queue's other
+    /// requests for long.
+    Inline,
+}
+
+/// An inline buffered write that took longer than this blocked on something.
+const SLOW_INLINE_WRITE: Duration = Duration::from_millis(1);
+/// How long buffered writes go to the ring after a slow inline one.
+const INLINE_PAUSE: Duration = Duration::from_millis(100);
 
 /// One request in flight; slots never move while the kernel may read their iovecs.
 struct Slot {
@@ -98,6 +126,11 @@ pub struct UringEngine {
     /// Completions produced without the kernel ring (synchronous operations).
     ready: VecDeque<Completion>,
     unsubmitted: bool,
+    buffered: BufferedWrites,
+    /// Buffered writes go to the ring until then (see [`BufferedWrites::Inline`]).
+    inline_paused_until: Option<Instant>,
+    /// [`SLOW_INLINE_WRITE`], or what a test sets.
+    slow_inline_write: Duration,
 }
 
 // SAFETY: the raw pointers in the slots' iovecs refer to memory the caller promised (through
@@ -132,6 +165,9 @@ impl UringEngine {
             slots,
             ready: VecDeque::new(),
             unsubmitted: false,
+            buffered: BufferedWrites::Unknown,
+            inline_paused_until: None,
+            slow_inline_write: SLOW_INLINE_WRITE,
         })
     }
 
@@ -179,6 +215,10 @@ impl UringEngine {
 
     fn take_slot(&mut self, user_data: u64, op: Op) -> Result<usize, AioError> {
         self.bind()?;
+        // Completions waiting in `ready` have given their slots back but still count.
+        if self.in_flight() >= self.slots.len() {
+            return Err(AioError::QueueFull(self.slots.len()));
+        }
         let idx = self
             .free
             .pop()
@@ -296,7 +336,85 @@ impl UringEngine {
             self.complete_now(idx, Ok(0));
             return Ok(());
         }
+        if op == Op::Write && self.align.is_none() {
+            if let Some(result) = self.write_inline(idx) {
+                let user_data = self.release(idx);
+                self.ready.push_back(Completion { user_data, result });
+                if self.ready.len() == 1 {
+                    // A failed eventfd write only delays the wake-up until the next poll.
+                    let _ = self.evt.write(1);
+                }
+                return Ok(());
+            }
+        }
         self.push(idx)
+    }
+
+    /// Tries buffered write `idx` here and now (see [`BufferedWrites`]): its result, or
+    /// `None` when the ring must do it (or the rest of it, after a partial write).
+    fn write_inline(&mut self, idx: usize) -> Option<io::Result<usize>> {
+        let nowait = match self.buffered {
+            BufferedWrites::Ring => return None,
+            BufferedWrites::Unknown => true,
+            BufferedWrites::Inline => {
+                match self.inline_paused_until {
+                    Some(t) if Instant::now() < t => return None,
+                    Some(_) => self.inline_paused_until = None,
+                    None => {}
+                }
+                false
+            }
+        };
+        let s = &self.slots[idx];
+        let count = libc::c_int::try_from(s.iovecs.len()).ok()?;
+        let offset = libc::off_t::try_from(s.offset).ok()?;
+        let flags = if nowait { libc::RWF_NOWAIT } else { 0 };
+        let start = Instant::now();
+        // SAFETY: the iovecs describe caller memory that stays readable until this request's
+        // completion is collected (the write contract); the count matches the array.
+        let n = unsafe {
+            libc::pwritev2(
+                self.file.as_raw_fd(),
+                s.iovecs.as_ptr(),
+                count,
+                offset,
+                flags,
+            )
+        };
+        let result = usize::try_from(n).map_err(|_| io::Error::last_os_error());
+        if nowait {
+            self.buffered = match &result {
+                Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+                    log::debug!(
+                        "disk: buffered writes cannot wait in io_uring here: writing them inline"
+                    );
+                    BufferedWrites::Inline
+                }
+                // It took the write without blocking, or would have blocked (EAGAIN), or
+                // failed: the ring does the same from now on.
+                _ => BufferedWrites::Ring,
+            };
+            if self.buffered == BufferedWrites::Inline {
+                return self.write_inline(idx);
+            }
+        } else if start.elapsed() > self.slow_inline_write {
+            self.inline_paused_until = Some(Instant::now() + INLINE_PAUSE);
+        }
+        match result {
+            Ok(n) if n >= s.total => Some(Ok(s.total)),
+            Ok(n) => {
+                // A partial write: the ring writes the rest.
+                let s = &mut self.slots[idx];
+                s.done = n;
+                skip_iovecs(&mut s.iovecs, n);
+                None
+            }
+            // EINTR, or EAGAIN from RWF_NOWAIT: the ring tries again; it also reports a
+            // failure the same way for every write.
+            Err(_) if nowait => None,
+            Err(e) if e.raw_os_error() == Some(libc::EINTR) => None,
+            Err(e) => Some(Err(e)),
+        }
     }
 
     fn queue_fallocate(
@@ -567,4 +685,105 @@ fn write_zeroes_sync(file: &File, offset: u64, len: u64, align: Option<usize>) -
         done += n as u64;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::FileExt;
+
+    use super::*;
+
+    /// An engine on a buffered 1 MiB file under /var/tmp (a disk file system, as for a
+    /// real image), and whether that file system refuses non-blocking buffered writes.
+    fn engine() -> (tempfile::TempDir, Arc<File>, UringEngine, bool) {
+        let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+        let path = dir.path().join("disk.raw");
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        file.set_len(1 << 20).unwrap();
+        let one = [0u8; 512];
+        let v = libc::iovec {
+            iov_base: one.as_ptr().cast_mut().cast(),
+            iov_len: one.len(),
+        };
+        // SAFETY: one iovec over a local buffer that outlives the call.
+        let rc = unsafe { libc::pwritev2(file.as_raw_fd(), &v, 1, 0, libc::RWF_NOWAIT) };
+        let refuses = rc < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::EOPNOTSUPP);
+        let file = Arc::new(file);
+        let e = UringEngine::new(file.clone(), FileKind::Regular, None, 8).unwrap();
+        (dir, file, e, refuses)
+    }
+
+    /// Queues a write of `data` at `offset`; returns whether it had finished before submit.
+    fn write(e: &mut UringEngine, offset: u64, data: &[u8], ud: u64) -> bool {
+        let v = [libc::iovec {
+            iov_base: data.as_ptr().cast_mut().cast(),
+            iov_len: data.len(),
+        }];
+        // SAFETY: `data` outlives the request: its completion is collected below.
+        unsafe { e.write_vectored(offset, &v, ud) }.unwrap();
+        let at_once = e.ready.len() == 1;
+        e.submit().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let c = loop {
+            if let Some(c) = e.next_completion() {
+                break c;
+            }
+            assert!(Instant::now() < deadline, "write {ud} never completed");
+            std::thread::yield_now();
+        };
+        assert_eq!(c.user_data, ud);
+        assert_eq!(c.result.unwrap(), data.len());
+        at_once
+    }
+
+    fn contents(file: &File, offset: u64, len: usize) -> Vec<u8> {
+        let mut buf = vec![0u8; len];
+        file.read_exact_at(&mut buf, offset).unwrap();
+        buf
+    }
+
+    #[test]
+    fn buffered_writes_run_inline_where_io_uring_would_hand_them_to_workers() {
+        let (_dir, file, mut e, refuses) = engine();
+        for (offset, i) in [0u64, 8192, 4096 + 100].into_iter().zip(0u8..) {
+            let data: Vec<u8> = (0..=255u8).cycle().take(4096).map(|b| b ^ i).collect();
+            let at_once = write(&mut e, offset, &data, u64::from(i));
+            assert_eq!(contents(&file, offset, data.len()), data);
+            if refuses {
+                assert_eq!(e.buffered, BufferedWrites::Inline);
+                assert!(at_once, "write {i} went through the ring");
+            } else {
+                // This file system takes non-blocking buffered writes: io_uring does them
+                // inline itself.
+                assert_eq!(e.buffered, BufferedWrites::Ring);
+            }
+        }
+    }
+
+    #[test]
+    fn a_slow_inline_write_sends_the_next_ones_to_the_ring_for_a_while() {
+        let (_dir, file, mut e, refuses) = engine();
+        e.slow_inline_write = Duration::ZERO;
+        let data = vec![0xa5u8; 4096];
+        let first = write(&mut e, 0, &data, 1);
+        if !refuses {
+            assert_eq!(e.buffered, BufferedWrites::Ring);
+            return;
+        }
+        assert!(first, "the first write went through the ring");
+        assert!(e.inline_paused_until.is_some());
+        // Counted slow (the threshold is zero): the next write goes through the ring.
+        assert!(!write(&mut e, 4096, &data, 2));
+        assert_eq!(contents(&file, 0, 8192), vec![0xa5u8; 8192]);
+        // After the pause, writes run inline again.
+        e.inline_paused_until = Some(Instant::now());
+        e.slow_inline_write = SLOW_INLINE_WRITE;
+        assert!(write(&mut e, 8192, &data, 3));
+    }
 }
