@@ -105,9 +105,11 @@ struct QueueWorker {
 /// A disk kept busy (gaps of a disk's latency) therefore polls for up to `max`. Sparse I/O
 /// alternates a short wait (the disk's latency, which grows the window) with a long one (the
 /// guest's think time, which halves it): the window settles between one and two latencies,
-/// so each request costs a few latencies of spinning, and an idle disk none. Measured on a virtualised host disk (4K at depth 32 through io_uring): completions
-/// often come 100-200 µs apart there, and a fixed 50 µs window slept through them: 5-10 %
-/// fewer IOPS than 200 µs.
+/// so each request costs a few latencies of spinning, and an idle disk none.
+///
+/// Measured on a virtualised host disk (4K at depth 32 through io_uring): completions often
+/// come 100-200 µs apart there, and a fixed 50 µs window slept through them: 5-10 % fewer
+/// IOPS than 200 µs.
 #[derive(Debug, Clone, Copy)]
 struct PollWindow {
     max: Duration,
