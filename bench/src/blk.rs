@@ -12,7 +12,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::proc::{median, qemu_microvm, result_line};
+use crate::proc::{median, qemu_microvm, result_line, run_sampling, IoThread};
 
 /// Command-line options.
 pub struct Options {
@@ -122,12 +122,19 @@ fn probe_cmdline(m: Mode, secs: u64) -> String {
 fn run_guest(mut cmd: Command, m: Mode, who: &str) -> Result<f64, String> {
     cmd.stdin(std::process::Stdio::null());
     let out = cmd.output().map_err(|e| format!("{who}: {e}"))?;
-    let line = result_line(&out, "blk_bench", who)?;
+    guest_result(&out, m, who)
+}
+
+/// The probe's IOPS or MB/s from its output.
+fn guest_result(out: &std::process::Output, m: Mode, who: &str) -> Result<f64, String> {
+    let line = result_line(out, "blk_bench", who)?;
     metric(&line, if m.iops { "iops" } else { "mbps" })
         .ok_or_else(|| format!("{who}: unreadable {line}"))
 }
 
-fn kiln(o: &Options, img: &Path, m: Mode, direct: bool) -> Result<f64, String> {
+/// The probe's result under kiln, and the share of a core that kiln's disk thread had
+/// while the probe measured (NaN when the thread was not found).
+fn kiln(o: &Options, img: &Path, m: Mode, direct: bool) -> Result<(f64, f64), String> {
     let mut c = Command::new(&o.kiln);
     let disk = format!(
         "path={},direct={}",
@@ -147,7 +154,10 @@ fn kiln(o: &Options, img: &Path, m: Mode, direct: bool) -> Result<f64, String> {
         "--kernel",
     ])
     .arg(&o.probe);
-    run_guest(c, m, if direct { "kiln direct" } else { "kiln" })
+    let who = if direct { "kiln direct" } else { "kiln" };
+    let (out, busy) =
+        run_sampling(c, o.secs, IoThread::Named("blk-q0")).map_err(|e| format!("{who}: {e}"))?;
+    Ok((guest_result(&out, m, who)?, busy.unwrap_or(f64::NAN)))
 }
 
 fn qemu(o: &Options, img: &Path, m: Mode) -> Result<f64, String> {
@@ -273,11 +283,16 @@ fn measure(o: &Options, img: &Path) -> Result<bool, String> {
             continue;
         }
         let (mut f, mut fb, mut kd, mut kc, mut q) = (vec![], vec![], vec![], vec![], vec![]);
+        let (mut kd_busy, mut kc_busy) = (vec![], vec![]);
         for _ in 0..o.runs {
             f.push(fio(o, img, m, false)?);
             fb.push(fio(o, img, m, true)?);
-            kd.push(kiln(o, img, m, true)?);
-            kc.push(kiln(o, img, m, false)?);
+            let (iops, busy) = kiln(o, img, m, true)?;
+            kd.push(iops);
+            kd_busy.push(busy);
+            let (iops, busy) = kiln(o, img, m, false)?;
+            kc.push(iops);
+            kc_busy.push(busy);
             q.push(qemu(o, img, m)?);
         }
         let (f, fb, kd, kc, q) = (
@@ -298,6 +313,12 @@ fn measure(o: &Options, img: &Path) -> Result<bool, String> {
             q,
             kd / f,
             kc / q
+        );
+        println!(
+            "{:<22} kiln's disk thread (blk-q0): {:.0} % of a core (direct), {:.0} % (cached)",
+            "",
+            100.0 * median(&mut kd_busy),
+            100.0 * median(&mut kc_busy)
         );
         if m.iops {
             ok &= kd / f >= 0.95 && kc / q >= 4.0;

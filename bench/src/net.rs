@@ -13,11 +13,11 @@
 use std::ffi::CString;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use crate::proc::{median, qemu_microvm, result_line};
+use crate::proc::{median, qemu_microvm, result_line, run_sampling, IoThread};
 
 const HOST_IP: [u8; 4] = [10, 214, 0, 1];
 const GUEST_IP: [u8; 4] = [10, 214, 0, 2];
@@ -117,41 +117,6 @@ struct Rate {
     /// sampled over the middle of the run (NaN when the thread was not found).
     io_per_frame: f64,
     io_busy: f64,
-}
-
-/// Which thread of a VMM moves the frames.
-#[derive(Clone, Copy)]
-enum IoThread {
-    /// The thread with this name (kiln's queue-pair worker).
-    Named(&'static str),
-    /// The main thread (QEMU's main loop serves the tap).
-    Main,
-}
-
-/// CPU seconds `which` thread of process `pid` has used so far.
-fn thread_cpu(pid: u32, which: IoThread) -> Option<f64> {
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
-    for t in tasks.flatten() {
-        let tid = t.file_name().to_string_lossy().into_owned();
-        let stat = std::fs::read_to_string(t.path().join("stat")).ok()?;
-        let (head, rest) = stat.rsplit_once(')')?;
-        let comm = head.split_once('(')?.1;
-        let hit = match which {
-            IoThread::Named(n) => comm == n,
-            IoThread::Main => tid == pid.to_string(),
-        };
-        if hit {
-            // After the name: state is field 3, utime and stime fields 14 and 15.
-            let f: Vec<&str> = rest.split_whitespace().collect();
-            let ticks = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
-            // Clock ticks, far below 2^52: exact as f64.
-            #[allow(clippy::cast_precision_loss)]
-            return Some(ticks as f64 / hz.max(1) as f64);
-        }
-    }
-    None
 }
 
 /// A tap interface with the host's address, removed on drop.
@@ -359,16 +324,13 @@ fn rate(line: &str) -> Option<Rate> {
 /// Runs one VM command for `row` (the probe measuring for `secs`); returns its rate, with
 /// the CPU time of its network thread `io` sampled from 0.5 s to `secs` s after the start.
 fn run_vm(
-    mut cmd: Command,
+    cmd: Command,
     row: Row,
     tap: &Tap,
     who: &str,
     secs: u64,
     io: IoThread,
 ) -> Result<Rate, String> {
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
     let stop = Arc::new(AtomicBool::new(false));
     let sender = (row.dir == Dir::HostToGuest).then(|| {
         let (stop, index, size) = (stop.clone(), tap.index, row.size);
@@ -376,15 +338,7 @@ fn run_vm(
     });
     let rx0 = tap.rx_packets();
     let dropped0 = tap.stat("tx_dropped");
-    let out = cmd.spawn().and_then(|child| {
-        let pid = child.id();
-        let t0 = std::time::Instant::now();
-        std::thread::sleep(std::time::Duration::from_millis(500));
-        let a = thread_cpu(pid, io).map(|c| (c, t0.elapsed()));
-        std::thread::sleep(std::time::Duration::from_millis(secs * 1000 - 500));
-        let b = thread_cpu(pid, io).map(|c| (c, t0.elapsed()));
-        child.wait_with_output().map(|o| (o, a.zip(b)))
-    });
+    let out = run_sampling(cmd, secs, io);
     stop.store(true, Ordering::Relaxed);
     let mut queued = None;
     if let Some(s) = sender {
@@ -394,13 +348,12 @@ fn run_vm(
         );
     }
     let dropped = tap.stat("tx_dropped").saturating_sub(dropped0);
-    let (out, io_cpu) = out.map_err(|e| format!("{who}: {e}"))?;
+    let (out, io_busy) = out.map_err(|e| format!("{who}: {e}"))?;
     let line = result_line(&out, "net_bench", who)?;
     let mut r = rate(&line).ok_or_else(|| format!("{who}: unreadable {line}"))?;
-    if let Some(((c0, t0), (c1, t1))) = io_cpu {
-        let dt = (t1 - t0).as_secs_f64();
-        r.io_busy = (c1 - c0) / dt;
-        r.io_per_frame = r.io_busy / r.fps.max(1.0);
+    if let Some(busy) = io_busy {
+        r.io_busy = busy;
+        r.io_per_frame = busy / r.fps.max(1.0);
     }
     if let Some(queued) = queued {
         // Counters, far below 2^52: exact as f64.

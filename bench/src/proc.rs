@@ -1,4 +1,5 @@
-//! Watching a VMM process: its first output line and its RSS outside guest RAM.
+//! Watching a VMM process: its first output line, its RSS outside guest RAM, and the CPU
+//! time of its I/O thread.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -43,6 +44,70 @@ pub fn rss_without_guest(pid: u32, guest_ram_kib: u64) -> Option<u64> {
         }
     }
     Some(total)
+}
+
+/// Which thread of a VMM does its I/O.
+#[derive(Clone, Copy)]
+pub enum IoThread {
+    /// The thread with this name (kiln's queue workers: `net-q0`, `blk-q0`).
+    Named(&'static str),
+    /// The main thread (QEMU's main loop serves the tap).
+    Main,
+}
+
+/// CPU seconds `which` thread of process `pid` has used so far.
+pub fn thread_cpu(pid: u32, which: IoThread) -> Option<f64> {
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+    for t in tasks.flatten() {
+        let tid = t.file_name().to_string_lossy().into_owned();
+        let stat = std::fs::read_to_string(t.path().join("stat")).ok()?;
+        let (head, rest) = stat.rsplit_once(')')?;
+        let comm = head.split_once('(')?.1;
+        let hit = match which {
+            IoThread::Named(n) => comm == n,
+            IoThread::Main => tid == pid.to_string(),
+        };
+        if hit {
+            // After the name: state is field 3, utime and stime fields 14 and 15.
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            let ticks = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+            // Clock ticks, far below 2^52: exact as f64.
+            #[allow(clippy::cast_precision_loss)]
+            return Some(ticks as f64 / hz.max(1) as f64);
+        }
+    }
+    None
+}
+
+/// Runs `cmd` (stdin empty, output captured) to its end. Meanwhile samples the CPU time of
+/// its thread `io` 0.5 s after the start and again at `secs` s (the guest's measuring span,
+/// give or take its boot); returns the output and that thread's share of a core between the
+/// two samples (`None` when the thread was not found).
+pub fn run_sampling(
+    mut cmd: Command,
+    secs: u64,
+    io: IoThread,
+) -> std::io::Result<(std::process::Output, Option<f64>)> {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let child = cmd.spawn()?;
+    let pid = child.id();
+    let t0 = Instant::now();
+    std::thread::sleep(Duration::from_millis(500));
+    let a = thread_cpu(pid, io).map(|c| (c, t0.elapsed()));
+    std::thread::sleep(Duration::from_millis(
+        secs.saturating_mul(1000).saturating_sub(500),
+    ));
+    let b = thread_cpu(pid, io).map(|c| (c, t0.elapsed()));
+    let out = child.wait_with_output()?;
+    let busy = a
+        .zip(b)
+        .filter(|((_, t0), (_, t1))| t1 > t0)
+        .map(|((c0, t0), (c1, t1))| (c1 - c0) / (t1 - t0).as_secs_f64());
+    Ok((out, busy))
 }
 
 /// Runs `cmd`, timing its first stdout line and sampling RSS every millisecond.
