@@ -209,10 +209,6 @@ impl UringEngine {
         Ok(())
     }
 
-    fn fd(&self) -> types::Fd {
-        types::Fd(self.file.as_raw_fd())
-    }
-
     fn take_slot(&mut self, user_data: u64, op: Op) -> Result<usize, AioError> {
         self.bind()?;
         // Completions waiting in `ready` have given their slots back but still count.
@@ -245,24 +241,11 @@ impl UringEngine {
 
     /// Pushes the kernel request for slot `idx` (its remaining part, after a short transfer).
     fn push(&mut self, idx: usize) -> Result<(), AioError> {
-        let fd = self.fd();
         let s = &self.slots[idx];
         let user_data = idx as u64;
+        let fd = types::Fd(self.file.as_raw_fd());
         let entry = match s.op {
-            Op::Read | Op::Write => {
-                let n = u32::try_from(s.iovecs.len())
-                    .map_err(|_| AioError::TooManySegments(s.iovecs.len()))?;
-                let off = s.offset + s.done as u64;
-                if s.op == Op::Read {
-                    opcode::Readv::new(fd, s.iovecs.as_ptr(), n)
-                        .offset(off)
-                        .build()
-                } else {
-                    opcode::Writev::new(fd, s.iovecs.as_ptr(), n)
-                        .offset(off)
-                        .build()
-                }
-            }
+            Op::Read | Op::Write => rw_entry(s.op, fd, &s.iovecs, s.offset + s.done as u64)?,
             Op::Flush => opcode::Fsync::new(fd)
                 .flags(types::FsyncFlags::DATASYNC)
                 .build(),
@@ -277,8 +260,9 @@ impl UringEngine {
         }
         .user_data(user_data);
         // SAFETY: the entry points at the slot's iovec array (stable: slots never move and the
-        // Vec is not touched until completion) and at caller memory valid until completion
-        // (the read/write contract). Fallocate and fsync carry no pointers.
+        // Vec is not touched until completion), or at the one buffer it describes, and so at
+        // caller memory valid until completion (the read/write contract). Fallocate and fsync
+        // carry no pointers.
         if unsafe { self.ring.submission().push(&entry) }.is_err() {
             // The submission ring is full: start what is queued, then retry once.
             self.ring.submit().map_err(AioError::Submit)?;
@@ -623,6 +607,36 @@ fn build_ring(entries: u32, evt: RawFd) -> Result<(IoUring, bool), AioError> {
     Ok((ring, deferred))
 }
 
+/// The request for a read or write of `iovecs` at `offset`. One segment (most requests) goes
+/// as a plain read or write, without an iovec array for the kernel to copy in and check.
+fn rw_entry(
+    op: Op,
+    fd: types::Fd,
+    iovecs: &[libc::iovec],
+    offset: u64,
+) -> Result<io_uring::squeue::Entry, AioError> {
+    if let [v] = iovecs {
+        if let Ok(n) = u32::try_from(v.iov_len) {
+            let p = v.iov_base.cast::<u8>();
+            return Ok(if op == Op::Read {
+                opcode::Read::new(fd, p, n).offset(offset).build()
+            } else {
+                opcode::Write::new(fd, p, n).offset(offset).build()
+            });
+        }
+    }
+    let n = u32::try_from(iovecs.len()).map_err(|_| AioError::TooManySegments(iovecs.len()))?;
+    Ok(if op == Op::Read {
+        opcode::Readv::new(fd, iovecs.as_ptr(), n)
+            .offset(offset)
+            .build()
+    } else {
+        opcode::Writev::new(fd, iovecs.as_ptr(), n)
+            .offset(offset)
+            .build()
+    })
+}
+
 /// The calling thread's id, cached: `bind` asks for it on every request.
 fn current_thread() -> std::thread::ThreadId {
     thread_local!(static ID: std::thread::ThreadId = std::thread::current().id());
@@ -764,6 +778,51 @@ mod tests {
                 assert_eq!(e.buffered, BufferedWrites::Ring);
             }
         }
+    }
+
+    /// Reads `bufs` (as one request) at `offset`; what each buffer got.
+    fn read(e: &mut UringEngine, offset: u64, mut bufs: Vec<Vec<u8>>) -> Vec<Vec<u8>> {
+        let v: Vec<libc::iovec> = bufs
+            .iter_mut()
+            .map(|b| libc::iovec {
+                iov_base: b.as_mut_ptr().cast(),
+                iov_len: b.len(),
+            })
+            .collect();
+        let total: usize = bufs.iter().map(Vec::len).sum();
+        // SAFETY: `bufs` outlives the request: its completion is collected below.
+        unsafe { e.read_vectored(offset, &v, 7) }.unwrap();
+        e.submit().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let c = loop {
+            if let Some(c) = e.next_completion() {
+                break c;
+            }
+            assert!(Instant::now() < deadline, "read never completed");
+            std::thread::yield_now();
+        };
+        assert_eq!(c.result.unwrap(), total);
+        bufs
+    }
+
+    #[test]
+    fn reads_past_the_end_of_the_file_fill_with_zeroes() {
+        let (_dir, file, mut e, _) = engine();
+        let data: Vec<u8> = (0..=255u8).cycle().take(6000).collect();
+        file.write_all_at(&data, 0).unwrap();
+        file.set_len(6000).unwrap();
+        // One segment (a plain read) and two (a vectored one), each crossing the end of the
+        // file: the short read's remainder goes back to the ring and then reads as zeroes.
+        let one = read(&mut e, 4096, vec![vec![0xffu8; 4096]]);
+        let mut want = data[4096..].to_vec();
+        want.resize(4096, 0);
+        assert_eq!(one, vec![want.clone()]);
+        let two = read(&mut e, 4096, vec![vec![0xffu8; 1000], vec![0xffu8; 3096]]);
+        assert_eq!(two, vec![want[..1000].to_vec(), want[1000..].to_vec()]);
+        // A plain write through the ring, after the end, grows the file.
+        e.buffered = BufferedWrites::Ring;
+        assert!(!write(&mut e, 8192, &[0x5a; 512], 8));
+        assert_eq!(contents(&file, 8192, 512), vec![0x5a; 512]);
     }
 
     #[test]
