@@ -8,7 +8,8 @@
 //! requests at the disk, the thread keeps polling the available ring and the engine until a
 //! window passes without work, with notifications still suppressed: a driver that keeps
 //! the disk busy never has to exit to notify, and completions are caught without a wake-up.
-//! The window adapts, up to `poll_us`, to the gaps the queue sees (see [`PollWindow`]).
+//! Between looks it yields its CPU to any other thread that wants it. The window adapts, up
+//! to `poll_us`, to the gaps the queue sees (see [`PollWindow`]).
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -35,6 +36,15 @@ const MAX_DESCS: usize = 1024;
 const MAX_IOVECS: usize = 1024;
 /// Requests started together (see `serve`).
 const SUBMIT_BATCH: usize = 4;
+/// While polling, the thread offers its CPU to other threads once every this many looks at
+/// the rings. Often the one waiting for the CPU is who finishes the requests polled for (an
+/// io_uring worker, the kernel's completion work) or the vCPU that queues the next ones, and
+/// spinning on would delay them; with nothing else to run, the call returns at once.
+/// Measured (4K, depth 32, alternated runs, 2 cores): on a tmpfs file with O_DIRECT, whose
+/// requests io_uring hands to a worker thread, reads went from 171-189K to 264-306K IOPS and
+/// writes from 170-172K to 237-295K, yielding on every look or on every 64th. On an ext4
+/// file, yielding on every look cost writes 3 % (25 pairs); every 64th, nothing (10 pairs).
+const YIELD_EVERY: u32 = 64;
 
 const TOKEN_QUEUE: u64 = 0;
 const TOKEN_DISK: u64 = 1;
@@ -230,18 +240,23 @@ impl QueueWorker {
         if !window.is_zero() {
             self.polling = true;
             let _ = self.q.queue.disable_notification(&self.shared.mem);
-            let mut spins = 0u32;
+            let mut looks = 0u32;
             while !self.q.broken {
                 let work =
                     self.q.engine.in_flight() > 0 || has_avail(&self.q.queue, &self.shared.mem);
                 if work && self.round() {
                     last_work = Instant::now();
                 }
-                spins = spins.wrapping_add(1);
-                if spins.is_multiple_of(32) && last_work.elapsed() >= window {
+                looks = looks.wrapping_add(1);
+                if looks.is_multiple_of(32) && last_work.elapsed() >= window {
                     break;
                 }
-                std::hint::spin_loop();
+                if looks.is_multiple_of(YIELD_EVERY) {
+                    // SAFETY: sched_yield takes no arguments and touches no memory of ours.
+                    unsafe { libc::sched_yield() };
+                } else {
+                    std::hint::spin_loop();
+                }
             }
             self.polling = false;
             // Re-enables notifications and catches anything that raced with that.
