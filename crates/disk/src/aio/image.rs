@@ -53,6 +53,8 @@ pub struct AioOptions {
 enum Backend {
     /// A raw file or block device driven by io_uring.
     Uring {
+        /// The file takes non-blocking I/O (see [`DiskImage::completes_in_kernel`]).
+        nowait: bool,
         file: Arc<File>,
         align: Option<usize>,
     },
@@ -227,6 +229,7 @@ impl DiskImage {
         };
         let backend = match threads {
             None => Backend::Uring {
+                nowait: super::uring::takes_nowait(&file, align),
                 file: Arc::new(file),
                 align,
             },
@@ -260,7 +263,7 @@ impl DiskImage {
     /// A new engine (one per queue) with room for `depth` requests in flight.
     pub fn engine(&self, depth: usize) -> Result<Box<dyn AsyncIo>, AioError> {
         Ok(match &self.backend {
-            Backend::Uring { file, align } => {
+            Backend::Uring { file, align, .. } => {
                 Box::new(UringEngine::new(file.clone(), self.kind, *align, depth)?)
             }
             Backend::Pool { dev, threads } => {
@@ -325,6 +328,15 @@ impl DiskImage {
     /// The backing store's physical block size (at least the logical one).
     pub fn physical_block_size(&self) -> u32 {
         self.physical_block_size
+    }
+
+    /// Whether requests finish in the kernel without a worker thread: io_uring on a file
+    /// that takes non-blocking I/O (block devices, ext4, XFS, btrfs). Otherwise each request
+    /// runs on a thread (io_uring's workers where the file system refuses `RWF_NOWAIT`, as
+    /// tmpfs does, or the thread pool), which needs CPU time that a thread polling for
+    /// completions would take from it.
+    pub fn completes_in_kernel(&self) -> bool {
+        matches!(self.backend, Backend::Uring { nowait: true, .. })
     }
 
     /// `"io_uring"`, `"threads"` or `"sync"`.

@@ -4,6 +4,7 @@
 // Test sizes are small constants.
 #![allow(clippy::cast_possible_truncation)]
 
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
@@ -361,6 +362,37 @@ fn engine_choice_is_reported() {
         open(&p, EngineKind::Sync, true, false).engine_name(),
         "sync"
     );
+}
+
+/// What the kernel says, independently of the engine: does a read with `RWF_NOWAIT` on the
+/// file at `p` fail with EOPNOTSUPP?
+fn refuses_nowait(p: &Path) -> bool {
+    let f = std::fs::File::open(p).unwrap();
+    let mut buf = [0u8; 512];
+    let v = iov(&mut buf);
+    // SAFETY: one iovec over a local buffer that outlives the call.
+    let rc = unsafe { libc::preadv2(f.as_raw_fd(), &v, 1, 0, libc::RWF_NOWAIT) };
+    rc < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EOPNOTSUPP)
+}
+
+#[test]
+fn disks_say_whether_the_kernel_finishes_their_requests_without_workers() {
+    // A disk file system (ext4 here) takes non-blocking I/O; tmpfs refuses it, and io_uring
+    // then hands every request to a worker thread.
+    let disk_dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let on_disk = disk_dir.path().join("disk.raw");
+    std::fs::write(&on_disk, vec![7u8; MIB as usize]).unwrap();
+    assert!(!refuses_nowait(&on_disk), "/var/tmp refuses RWF_NOWAIT");
+    assert!(open(&on_disk, EngineKind::IoUring, false, false).completes_in_kernel());
+    assert!(open(&on_disk, EngineKind::IoUring, false, true).completes_in_kernel());
+    // The thread pool runs every request on its threads, whatever the file system.
+    assert!(!open(&on_disk, EngineKind::Threads(2), false, false).completes_in_kernel());
+    assert!(!open(&on_disk, EngineKind::Sync, false, false).completes_in_kernel());
+    let shm_dir = tempfile::tempdir_in("/dev/shm").unwrap();
+    let in_memory = shm_dir.path().join("disk.raw");
+    std::fs::write(&in_memory, vec![7u8; MIB as usize]).unwrap();
+    let img = open(&in_memory, EngineKind::IoUring, false, false);
+    assert_eq!(img.completes_in_kernel(), !refuses_nowait(&in_memory));
 }
 
 #[test]

@@ -580,6 +580,25 @@ impl AsyncIo for UringEngine {
     }
 }
 
+/// Whether `file` takes non-blocking reads (`RWF_NOWAIT`), tried with one block of
+/// `align` bytes (the O_DIRECT alignment; `None` for buffered files) at offset 0. A file
+/// that refuses them (`EOPNOTSUPP`: tmpfs, many network and FUSE file systems) gets every
+/// io_uring request handed to a kernel worker thread; one that takes them, or says the read
+/// would block, has its requests started by the submitting call and finished by the disk.
+pub(crate) fn takes_nowait(file: &File, align: Option<usize>) -> bool {
+    let a = align.unwrap_or(512);
+    let Some(mut buf) = AlignedBuf::new(a, a) else {
+        return true;
+    };
+    let v = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: a,
+    };
+    // SAFETY: one iovec over our own buffer of `a` bytes, which outlives the call.
+    let rc = unsafe { libc::preadv2(file.as_raw_fd(), &v, 1, 0, libc::RWF_NOWAIT) };
+    !(rc < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::EOPNOTSUPP))
+}
+
 /// A ring of `entries` that signals `evt` on completions, with deferred completion work
 /// (disabled until [`UringEngine::bind`]) where the kernel has it; returns whether it has.
 fn build_ring(entries: u32, evt: RawFd) -> Result<(IoUring, bool), AioError> {

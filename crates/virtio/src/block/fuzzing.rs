@@ -107,6 +107,7 @@ impl Fuzzer {
             interrupt: recorder.clone(),
             limits: self.dev.limits.clone(),
             poll: std::time::Duration::ZERO,
+            yields: false,
             stats: self.dev.stats.clone(),
             path: self.dev.disk.path().display().to_string(),
         });

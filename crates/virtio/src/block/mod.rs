@@ -178,6 +178,13 @@ impl Block {
                 key: None,
             },
         )?;
+        if poll_us > 0 && !disk.completes_in_kernel() {
+            log::debug!(
+                "{}: requests run on worker threads (the file system refuses non-blocking I/O, \
+                 or io_uring is not used): polling queue threads yield to them",
+                params.path.display()
+            );
+        }
         let capacity = disk.size() / SECTOR;
         if capacity == 0 {
             return Err(BlockError::TooSmall(params.path));
@@ -350,6 +357,7 @@ impl VirtioDevice for Block {
             interrupt: a.interrupt,
             limits: self.limits.clone(),
             poll: self.poll,
+            yields: !self.disk.completes_in_kernel(),
             stats: self.stats.clone(),
             path: self.disk.path().display().to_string(),
         });

@@ -8,8 +8,8 @@
 //! requests at the disk, the thread keeps polling the available ring and the engine until a
 //! window passes without work, with notifications still suppressed: a driver that keeps
 //! the disk busy never has to exit to notify, and completions are caught without a wake-up.
-//! Between looks it yields its CPU to any other thread that wants it. The window adapts, up
-//! to `poll_us`, to the gaps the queue sees (see [`PollWindow`]).
+//! Where worker threads run the disk's requests, it yields its CPU to them now and then.
+//! The window adapts, up to `poll_us`, to the gaps the queue sees (see [`PollWindow`]).
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -36,14 +36,17 @@ const MAX_DESCS: usize = 1024;
 const MAX_IOVECS: usize = 1024;
 /// Requests started together (see `serve`).
 const SUBMIT_BATCH: usize = 4;
-/// While polling, the thread offers its CPU to other threads once every this many looks at
-/// the rings. Often the one waiting for the CPU is who finishes the requests polled for (an
-/// io_uring worker, the kernel's completion work) or the vCPU that queues the next ones, and
-/// spinning on would delay them; with nothing else to run, the call returns at once.
+/// Where the disk's requests run on worker threads ([`DiskImage::completes_in_kernel`] is
+/// false), a polling thread offers its CPU to other threads once every this many looks at
+/// the rings: the worker that finishes the requests polled for may be waiting for that CPU,
+/// and spinning on would delay it. With nothing else to run, the call returns at once.
 /// Measured (4K, depth 32, alternated runs, 2 cores): on a tmpfs file with O_DIRECT, whose
-/// requests io_uring hands to a worker thread, reads went from 171-189K to 264-306K IOPS and
-/// writes from 170-172K to 237-295K, yielding on every look or on every 64th. On an ext4
-/// file, yielding on every look cost writes 3 % (25 pairs); every 64th, nothing (10 pairs).
+/// requests io_uring hands to a worker, reads went from 171-194K to 264-306K IOPS and writes
+/// from 170-172K to 237-295K (not polling at all: 246-293K and 262-299K). Where the kernel
+/// finishes requests by itself, yielding only gave CPU time away: 4K writes to an ext4 file
+/// lost 2.5 % (20 alternated pairs, every 64th look; as much at every look or every 256th).
+///
+/// [`DiskImage::completes_in_kernel`]: kiln_disk::aio::DiskImage::completes_in_kernel
 const YIELD_EVERY: u32 = 64;
 
 const TOKEN_QUEUE: u64 = 0;
@@ -67,6 +70,8 @@ pub(crate) struct Shared {
     pub interrupt: Arc<dyn VirtioInterrupt>,
     pub limits: DiskLimits,
     pub poll: Duration,
+    /// Polling yields the CPU now and then (see [`YIELD_EVERY`]).
+    pub yields: bool,
     pub stats: Arc<BlockStats>,
     pub path: String,
 }
@@ -251,7 +256,7 @@ impl QueueWorker {
                 if looks.is_multiple_of(32) && last_work.elapsed() >= window {
                     break;
                 }
-                if looks.is_multiple_of(YIELD_EVERY) {
+                if self.shared.yields && looks.is_multiple_of(YIELD_EVERY) {
                     // SAFETY: sched_yield takes no arguments and touches no memory of ours.
                     unsafe { libc::sched_yield() };
                 } else {
