@@ -752,6 +752,19 @@ mod tests {
         (dir, file, e, refuses)
     }
 
+    /// Submits what is queued and waits (up to 5 s) for the one completion.
+    fn submit_and_wait(e: &mut UringEngine) -> Completion {
+        e.submit().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            if let Some(c) = e.next_completion() {
+                return c;
+            }
+            assert!(Instant::now() < deadline, "the request never completed");
+            std::thread::yield_now();
+        }
+    }
+
     /// Queues a write of `data` at `offset`; returns whether it had finished before submit.
     fn write(e: &mut UringEngine, offset: u64, data: &[u8], ud: u64) -> bool {
         let v = [libc::iovec {
@@ -761,15 +774,7 @@ mod tests {
         // SAFETY: `data` outlives the request: its completion is collected below.
         unsafe { e.write_vectored(offset, &v, ud) }.unwrap();
         let at_once = e.ready.len() == 1;
-        e.submit().unwrap();
-        let deadline = Instant::now() + Duration::from_secs(5);
-        let c = loop {
-            if let Some(c) = e.next_completion() {
-                break c;
-            }
-            assert!(Instant::now() < deadline, "write {ud} never completed");
-            std::thread::yield_now();
-        };
+        let c = submit_and_wait(e);
         assert_eq!(c.user_data, ud);
         assert_eq!(c.result.unwrap(), data.len());
         at_once
@@ -811,15 +816,8 @@ mod tests {
         let total: usize = bufs.iter().map(Vec::len).sum();
         // SAFETY: `bufs` outlives the request: its completion is collected below.
         unsafe { e.read_vectored(offset, &v, 7) }.unwrap();
-        e.submit().unwrap();
-        let deadline = Instant::now() + Duration::from_secs(5);
-        let c = loop {
-            if let Some(c) = e.next_completion() {
-                break c;
-            }
-            assert!(Instant::now() < deadline, "read never completed");
-            std::thread::yield_now();
-        };
+        let c = submit_and_wait(e);
+        assert_eq!(c.user_data, 7);
         assert_eq!(c.result.unwrap(), total);
         bufs
     }
