@@ -41,8 +41,8 @@ const SUBMIT_BATCH: usize = 4;
 /// the rings: the worker that finishes the requests polled for may be waiting for that CPU,
 /// and spinning on would delay it. With nothing else to run, the call returns at once.
 /// Measured (4K, depth 32, alternated runs, 2 cores): on a tmpfs file with O_DIRECT, whose
-/// requests io_uring hands to a worker, reads went from 171-194K to 264-306K IOPS and writes
-/// from 170-172K to 237-295K (not polling at all: 246-293K and 262-299K). Where the kernel
+/// requests io_uring hands to a worker, reads went from 171-196K to 264-306K IOPS and writes
+/// from 170-180K to 237-299K (not polling at all: 246-293K and 262-299K). Where the kernel
 /// finishes requests by itself, yielding only gave CPU time away: 4K writes to an ext4 file
 /// lost 2.5 % (20 alternated pairs, every 64th look; as much at every look or every 256th).
 ///
