@@ -223,10 +223,11 @@ impl QueueWorker {
     /// One round; returns whether it moved any request.
     fn round(&mut self) -> bool {
         let mut moved = self.reap();
-        if !self.q.broken {
-            moved |= self.serve();
+        if !self.q.broken && self.serve() {
+            // What it took may have finished at once (page-cache hits).
+            self.reap();
+            moved = true;
         }
-        moved |= self.reap();
         self.signal();
         moved
     }
@@ -282,6 +283,11 @@ impl QueueWorker {
 
     /// Takes available chains while there is room; returns whether it took any.
     fn serve(&mut self) -> bool {
+        // Polling looks here over and over, with notifications already off: most looks
+        // find nothing, and need not touch the shared Arc's count.
+        if self.polling && !has_avail(&self.q.queue, &self.shared.mem) {
+            return false;
+        }
         // Cloning the Arc, not the GuestMemory (whose clone allocates a region list).
         let shared = Arc::clone(&self.shared);
         let mem = &shared.mem;
